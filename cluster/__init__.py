@@ -1,0 +1,1 @@
+"""Connecting to Ray: a local Ray for one run, or an existing cluster."""

@@ -1,0 +1,419 @@
+"""Typed run configuration: defaults, YAML presets, dotted overrides, validation.
+
+The defaults below *are* the embedded default run (`genloop run` with no arguments):
+3-digit addition with reversed answers, a tiny GPT-2 built from config, 5 generations.
+Every error in a config is collected and reported at once, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more problems with a config; `errors` lists every one of them."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("; ".join(errors))
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["arithmetic", "text", "pairs"] = "arithmetic"  # what the loop learns
+    # arithmetic: `aaa+bbb=` -> the sum, zero-padded and written least-significant digit first
+    digits: int = 3  # digits per operand
+    seed_examples: int = 1200  # labeled examples generation 0 learns from
+    pool_prompts: int = 2000  # fresh prompts sampled by the model each generation
+    heldout_prompts: int = 500  # fixed held-out prompts, the same every generation
+    validation_prompts: int = 200  # prompts for generation 0's early stop (not the held-out ones)
+    # text / pairs: the user's data
+    path: str | None = (
+        None  # .txt (text), or JSONL / Parquet with prompt/response (or text) columns
+    )
+    fields: dict[str, str] = field(default_factory=dict)  # column renames, e.g. {prompt: question}
+    heldout_path: str | None = None  # held-out file; by default a slice of `path` is held out
+    heldout_fraction: float = 0.1  # share of `path` held out when no heldout_path is given
+    heldout_limit: int = 500  # at most this many held-out examples are evaluated
+    verifier: Literal["none", "exact", "final-number"] = "exact"  # pairs: how a response is checked
+    # text: character-level language modelling on a plain-text corpus
+    real_chars: int = 200_000  # real training text, spread over the training blocks
+    block_chars: int = 128  # length of one real training example
+    prompt_chars: int = 32  # real prefix the model continues when it generates
+    continuation_chars: int = 96  # length of one synthetic continuation
+    synthetic_chars: int = 200_000  # synthetic text made per generation
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # HF model id or local dir; None builds the tiny GPT-2 below
+    trust_remote_code: bool = False  # only for models whose code you trust
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    max_length: int = 128  # longest prompt + response, in tokens
+
+
+@dataclass
+class LoopConfig:
+    generations: int = 5  # self-training generations after generation 0
+    gen0_steps: int = 1500  # generation 0 (seed data) training steps, at most
+    gen0_target_accuracy: float | None = 0.25  # stop generation 0 at the first eval >= this
+    gen0_eval_every: int = 50  # steps between generation 0's early-stop evaluations
+
+
+@dataclass
+class GenerateConfig:
+    samples_per_prompt: int = 4  # k samples for every prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 256  # prompts per forward batch
+    workers: int = 2  # Ray Data actors, one model each
+
+
+@dataclass
+class ScoreConfig:
+    batch_size: int = 512
+    workers: int = 2
+
+
+@dataclass
+class CurateConfig:
+    strategy: str = "filter"  # none | filter | filter+labels-uniform | filter+labels-hard
+    gamma: float = 0.5  # filter quality: 0.5 = exact verifier, 0 = coin flip
+    filter_column: str = "loss"  # tasks without a verifier filter on this score column ...
+    filter_top_fraction: float = 0.5  # ... keeping this share of samples ...
+    filter_higher_is_better: bool = False  # ... lowest loss first
+    label_budget: float = 0.0  # labels per generation: a count (>= 1) or a fraction of prompts
+    beta: float = 0.5  # weak labeler: probability a label is correct
+    label_repeats: int = 4  # copies of each label in the training mix
+
+
+@dataclass
+class MixConfig:
+    real_fraction: float = 0.0  # share of the training set drawn from real data
+    mode: Literal["replace", "accumulate"] = "replace"  # newest synthetic only, or all so far
+    size: int | None = None  # training-set size; None: every curated sample plus real data
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0  # ZeRO stage 0-3
+    offload: bool = False  # ZeRO-2/3: keep optimizer state (and ZeRO-3 params) in CPU memory
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 needs a GPU
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimizer steps per generation
+    batch_size: int = 64  # global batch, split over workers
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = 1.0
+    init_from: Literal["previous", "base"] = "previous"  # continue, or restart from the base model
+    workers: int = 2  # Ray Train workers (data parallel)
+    use_gpu: bool = False
+    checkpoint_every: int = 0  # steps between mid-generation checkpoints (0: end only)
+    max_failures: int = 2  # retries from the last checkpoint when a worker dies
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 500
+    workers: int = 1
+    sample_temperature: float = 1.0  # temperature of the samples behind the collapse signals
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start a local Ray for the run; or auto / ray://... / a URL
+    num_cpus: int | None = None  # local Ray only; None: every core
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# `curate=none` on the command line means `curate.strategy=none`.
+SHORTHANDS = {"curate": "strategy"}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults, then the YAML preset at `path`, then `key=value` overrides; validated.
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type and out-of-range value.
+    """
+    errors: list[str] = []
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file not found: {path}"])
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{path}: not valid YAML ({e.__class__.__name__})"]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of sections"])
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            errors.append(f"override {item!r}: expected key=value, e.g. mix.real_fraction=0.2")
+            continue
+        _set_dotted(raw, key.strip(), _parse_value(value))
+    config = _build(RunConfig, raw, "", errors)
+    if not errors:
+        errors.extend(validate(config))
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) == 1 and parts[0] in SHORTHANDS and not isinstance(value, dict):
+        parts.append(SHORTHANDS[parts[0]])
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+    """Build dataclass `cls` from a mapping, type-checking each field into `errors`."""
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            errors.append(
+                f"unknown key {prefix}{key!r}; valid keys here: {', '.join(sorted(names))}"
+            )
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        values[f.name] = _coerce(hints[f.name], raw[f.name], f"{prefix}{f.name}", errors)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", errors)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, errors)
+    if origin is Literal:
+        if value not in args:
+            errors.append(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is dict:
+        ok = isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        )
+        if not ok:
+            errors.append(f"{key}: expected a mapping of names, e.g. {{prompt: question}}")
+            return {}
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{key}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            errors.append(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {hint}")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(c: RunConfig) -> list[str]:
+    """Range and consistency checks; returns every problem found."""
+    from selection.boosting import CURATION_STRATEGIES
+
+    errors: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    def positive(key: str, value: float) -> None:
+        need(value > 0, f"{key}: must be > 0, got {value}")
+
+    def fraction(key: str, value: float) -> None:
+        need(
+            0.0 <= value <= 1.0 and not math.isnan(value), f"{key}: must be in [0, 1], got {value}"
+        )
+
+    t = c.task
+    for key in (
+        "digits",
+        "seed_examples",
+        "pool_prompts",
+        "heldout_prompts",
+        "heldout_limit",
+        "block_chars",
+        "prompt_chars",
+        "continuation_chars",
+        "real_chars",
+        "synthetic_chars",
+    ):
+        positive(f"task.{key}", getattr(t, key))
+    need(t.digits <= 9, f"task.digits: at most 9, got {t.digits}")
+    need(
+        t.validation_prompts >= 0,
+        f"task.validation_prompts: must be >= 0, got {t.validation_prompts}",
+    )
+    fraction("task.heldout_fraction", t.heldout_fraction)
+    if t.name in ("text", "pairs"):
+        need(t.path is not None, f"task.path: task {t.name!r} needs a data file (task.path=FILE)")
+    if t.name == "arithmetic":
+        need(t.path is None, "task.path: the arithmetic task makes its own data; remove task.path")
+    for key in t.fields:
+        need(
+            key in ("prompt", "response", "text"),
+            f"task.fields: {key!r} is not a column genloop reads (prompt, response, text)",
+        )
+
+    m = c.model
+    for key in ("n_layer", "n_embd", "n_head", "max_length"):
+        positive(f"model.{key}", getattr(m, key))
+    need(
+        m.n_embd % m.n_head == 0 if m.n_head > 0 else True,
+        f"model.n_embd ({m.n_embd}) must be a multiple of model.n_head ({m.n_head})",
+    )
+
+    need(c.loop.generations >= 0, f"loop.generations: must be >= 0, got {c.loop.generations}")
+    positive("loop.gen0_steps", c.loop.gen0_steps)
+    positive("loop.gen0_eval_every", c.loop.gen0_eval_every)
+    if c.loop.gen0_target_accuracy is not None:
+        fraction("loop.gen0_target_accuracy", c.loop.gen0_target_accuracy)
+
+    g = c.generate
+    for key in ("samples_per_prompt", "batch_size", "workers", "temperature"):
+        positive(f"generate.{key}", getattr(g, key))
+    need(0.0 < g.top_p <= 1.0, f"generate.top_p: must be in (0, 1], got {g.top_p}")
+    positive("score.batch_size", c.score.batch_size)
+    positive("score.workers", c.score.workers)
+
+    cu = c.curate
+    need(
+        cu.strategy in CURATION_STRATEGIES,
+        f"curate.strategy: {cu.strategy!r} is not one of {', '.join(CURATION_STRATEGIES)}",
+    )
+    need(0.0 <= cu.gamma <= 0.5, f"curate.gamma: must be in [0, 0.5], got {cu.gamma}")
+    fraction("curate.beta", cu.beta)
+    need(cu.label_budget >= 0, f"curate.label_budget: must be >= 0, got {cu.label_budget}")
+    need(
+        cu.label_budget < 1 or float(cu.label_budget).is_integer(),
+        f"curate.label_budget: a count (integer) or a fraction below 1, got {cu.label_budget}",
+    )
+    positive("curate.label_repeats", cu.label_repeats)
+    need(
+        0.0 < cu.filter_top_fraction <= 1.0,
+        f"curate.filter_top_fraction: must be in (0, 1], got {cu.filter_top_fraction}",
+    )
+    need(
+        cu.filter_column in ("loss", "length"),
+        f"curate.filter_column: {cu.filter_column!r} is not a score column (loss, length)",
+    )
+
+    fraction("mix.real_fraction", c.mix.real_fraction)
+    if c.mix.size is not None:
+        positive("mix.size", c.mix.size)
+
+    tr = c.train
+    for key in ("steps", "batch_size", "workers"):
+        positive(f"train.{key}", getattr(tr, key))
+    positive("train.lr", tr.lr)
+    need(tr.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {tr.weight_decay}")
+    need(tr.warmup_steps >= 0, f"train.warmup_steps: must be >= 0, got {tr.warmup_steps}")
+    need(
+        tr.checkpoint_every >= 0, f"train.checkpoint_every: must be >= 0, got {tr.checkpoint_every}"
+    )
+    need(tr.max_failures >= 0, f"train.max_failures: must be >= 0, got {tr.max_failures}")
+    need(
+        tr.workers <= 0 or tr.batch_size % tr.workers == 0,
+        f"train.batch_size ({tr.batch_size}) must be a multiple of train.workers ({tr.workers})",
+    )
+    ds = tr.deepspeed
+    need(
+        ds.zero_stage in (0, 1, 2, 3),
+        f"train.deepspeed.zero_stage: must be 0-3, got {ds.zero_stage}",
+    )
+    need(
+        not ds.offload or ds.zero_stage >= 2,
+        "train.deepspeed.offload: needs train.deepspeed.zero_stage 2 or 3",
+    )
+    need(
+        ds.precision == "fp32" or tr.use_gpu,
+        "train.deepspeed.precision: bf16 needs train.use_gpu=true",
+    )
+
+    positive("eval.batch_size", c.eval.batch_size)
+    positive("eval.workers", c.eval.workers)
+    positive("eval.sample_temperature", c.eval.sample_temperature)
+    if c.ray.num_cpus is not None:
+        positive("ray.num_cpus", c.ray.num_cpus)
+    return errors
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,167 @@
+"""Reading the user's data and writing artefacts atomically.
+
+Readers turn every problem a person can fix (missing file, malformed JSONL line, missing
+column, empty data) into a DataError naming the file and row. Writers put each artefact in
+place with a rename, so a crash never leaves a partial file that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and, where it helps, the row."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_records(
+    path: str | Path,
+    fields: dict[str, str] | None = None,
+    required: Sequence[str] = ("prompt", "response"),
+) -> pd.DataFrame:
+    """Rows of a JSONL or Parquet file, columns renamed by `fields` (genloop name -> file name).
+
+    Returns a frame with the `required` columns as strings (other columns kept).
+
+    Raises:
+        DataError: missing file, unknown format, malformed line, missing column, no rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        frame = _read_jsonl(path)
+    elif suffix == ".parquet":
+        try:
+            frame = pq.read_table(path).to_pandas()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    else:
+        raise DataError(f"{path}: unknown format {suffix!r}; use .jsonl or .parquet")
+    renames = {source: ours for ours, source in (fields or {}).items()}
+    frame = frame.rename(columns=renames)
+    for column in required:
+        if column not in frame.columns:
+            hint = f" (map it with task.fields.{column}=<column>)" if fields is not None else ""
+            raise DataError(
+                f"{path}: missing column {column!r}; it has "
+                f"{', '.join(map(str, frame.columns)) or 'no columns'}{hint}"
+            )
+        bad = frame[column].map(lambda v: not isinstance(v, str))
+        if bad.any():
+            row = int(bad.to_numpy().argmax())
+            raise DataError(
+                f"{path}: row {row + 1}: column {column!r} is not text "
+                f"({frame[column].iloc[row]!r})"
+            )
+    if len(frame) == 0:
+        raise DataError(f"{path}: no rows")
+    return frame.reset_index(drop=True)
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path}: line {number}: expected a JSON object, got {type(row).__name__}"
+                )
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def read_text(path: str | Path, fields: dict[str, str] | None = None) -> str:
+    """A plain-text corpus: a .txt file, or the `text` column of JSONL / Parquet, joined."""
+    path = Path(path)
+    if path.suffix.lower() in (".jsonl", ".json", ".parquet"):
+        frame = read_records(path, fields, required=("text",))
+        text = "\n".join(frame["text"])
+    else:
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: no text")
+    return text
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_parquet(frame: pd.DataFrame | pa.Table, path: str | Path) -> None:
+    """Write one Parquet file atomically (temp file, then rename)."""
+    table = (
+        frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def write_text(text: str, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def write_json(obj, path: str | Path) -> None:
+    write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n", path)
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[str]:
+    """Yield a temporary path beside `path`; rename it into place only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; it replaces `path` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -1,0 +1,471 @@
+"""The recipe: one generation after another, in the order the work happens.
+
+    generation 0:  train the base model on the seed (real) data -> evaluate
+    generation g:  generate -> score -> curate -> mix -> train -> evaluate
+
+Every stage writes its artefacts atomically into `RUN_DIR/gen_XX/` and then a completion
+marker (`gen_XX/.done/<stage>`); a resumed run loads finished stages instead of redoing them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import RunConfig, dump_yaml
+from pipeline.curate import curate
+from pipeline.data import atomic_dir, write_json, write_parquet, write_text
+from pipeline.metrics import collapse_signals, perplexity
+from pipeline.mix import composition, mix
+from pipeline.tasks import Task, make_task
+
+# Random streams, so that every stage's randomness is fixed by (seed, stream, generation),
+# whatever ran before it: a resumed stage draws exactly what the first attempt drew.
+_CURATE_STREAM, _MIX_STREAM = 11, 12
+
+SUMMARY_COLUMNS = [
+    "generation",
+    "accuracy",
+    "perplexity",
+    "heldout_loss",
+    "train_examples",
+    "real",
+    "synthetic",
+    "labeled",
+    "kept",
+    "dropped",
+    "labels_spent",
+    "distinct_2",
+    "char_entropy",
+    "seconds",
+]
+
+
+@dataclass
+class Progress:
+    """Prints one line per stage: what ran, how much, how long."""
+
+    total_generations: int
+    echo: Callable[[str], None] = print
+
+    def stage(self, generation: int, name: str, detail: str, seconds: float | None) -> None:
+        timing = f"{seconds:6.1f}s" if seconds is not None else "  (done earlier)"
+        self.echo(f"[gen {generation}/{self.total_generations}] {name:<9} {timing}  {detail}")
+
+
+@dataclass
+class Generation:
+    """Paths and completion markers of one generation's directory."""
+
+    root: Path
+    index: int
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def dir(self) -> Path:
+        return self.root / f"gen_{self.index:02d}"
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def done(self, stage: str) -> bool:
+        return (self.dir / ".done" / stage).exists()
+
+    def mark(self, stage: str) -> None:
+        write_text(f"{time.time()}\n", self.dir / ".done" / stage)
+
+
+def run_loop(
+    cfg: RunConfig, run_dir: Path, progress: Progress, log_to_driver: bool = False
+) -> pd.DataFrame:
+    """Run (or resume) every generation; returns the per-generation metrics table."""
+    from cluster.connect import connect
+    from pipeline.inference import worker_env
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(dump_yaml(cfg), run_dir / "config.yaml")
+    task = make_task(cfg.task, cfg.seed)
+    progress.echo(
+        connect(
+            cfg.ray.address,
+            num_cpus=cfg.ray.num_cpus,
+            env=worker_env(),
+            log_to_driver=log_to_driver,
+        )
+    )
+    _quiet_ray_data()
+    base = prepare_base_model(cfg, task, run_dir)
+
+    rows = []
+    model = base
+    for index in range(cfg.loop.generations + 1):
+        model, metrics = run_generation(
+            cfg, task, Generation(run_dir, index), base, model, progress
+        )
+        rows.append(summary_row(index, metrics))
+    table = pd.DataFrame(rows)
+    write_parquet(table, run_dir / "metrics.parquet")
+    write_text(table.to_csv(index=False), run_dir / "metrics.csv")
+    from pipeline.report import plot_metrics
+
+    plot_metrics(table, run_dir / "metrics.png", title=f"{cfg.task.name}: {run_dir.name}")
+    return table
+
+
+def run_generation(
+    cfg: RunConfig, task: Task, gen: Generation, base: str, model: str, progress: Progress
+) -> tuple[str, dict]:
+    """One generation: its training set, the next model, its evaluation."""
+    if gen.index == 0:
+        training_set = _stage(
+            gen,
+            "mix",
+            progress,
+            lambda: _seed_mix(task, gen),
+            load=lambda: _read_mix(gen),
+            describe=_describe_mix,
+        )
+    else:
+        training_set = self_training_data(cfg, task, gen, model, progress)
+    init = base if (gen.index == 0 or cfg.train.init_from == "base") else model
+    model = _stage(
+        gen,
+        "train",
+        progress,
+        lambda: train_stage(cfg, task, gen, init, training_set),
+        load=lambda: str(gen.path("model")),
+        describe=_describe_train(gen),
+    )
+    metrics = _stage(
+        gen,
+        "evaluate",
+        progress,
+        lambda: evaluate_stage(cfg, task, gen, model),
+        load=lambda: json.loads(gen.path("metrics.json").read_text()),
+        describe=_describe_eval,
+    )
+    return model, metrics
+
+
+def self_training_data(
+    cfg: RunConfig, task: Task, gen: Generation, model: str, progress: Progress
+) -> pd.DataFrame:
+    """generate -> score -> curate -> mix, with the previous generation's model."""
+    from pipeline.inference import GenerateActor, ScoreActor, map_with_actors
+
+    pool = task.prompt_pool(gen.index)
+    common = dict(
+        model_dir=model, trust_remote_code=cfg.model.trust_remote_code, use_gpu=cfg.train.use_gpu
+    )
+
+    def generate_samples() -> pd.DataFrame:
+        g = cfg.generate
+        samples = map_with_actors(
+            pool,
+            GenerateActor,
+            workers=g.workers,
+            use_gpu=cfg.train.use_gpu,
+            rows_per_batch=g.batch_size,
+            constructor_kwargs=dict(
+                common,
+                samples_per_prompt=g.samples_per_prompt,
+                max_new_tokens=task.max_new_tokens,
+                temperature=g.temperature,
+                top_p=g.top_p,
+                batch_size=g.batch_size,
+                max_length=cfg.model.max_length,
+            ),
+        )
+        write_parquet(samples, gen.path("samples.parquet"))
+        return samples
+
+    samples = _stage(
+        gen,
+        "generate",
+        progress,
+        generate_samples,
+        load=lambda: pd.read_parquet(gen.path("samples.parquet")),
+        describe=lambda s: f"{len(s):,} samples for {len(pool):,} prompts",
+    )
+
+    def score_samples() -> pd.DataFrame:
+        s = cfg.score
+        scored = map_with_actors(
+            samples,
+            ScoreActor,
+            workers=s.workers,
+            use_gpu=cfg.train.use_gpu,
+            rows_per_batch=s.batch_size,
+            constructor_kwargs=dict(
+                common,
+                batch_size=s.batch_size,
+                max_length=cfg.model.max_length,
+                add_eos=task.add_eos,
+                train_on_prompt=task.train_on_prompt,
+            ),
+        )
+        scored["correct"] = task.verify(scored["response"].tolist(), scored["reference"].tolist())
+        write_parquet(scored, gen.path("scored.parquet"))
+        return scored
+
+    scored = _stage(
+        gen,
+        "score",
+        progress,
+        score_samples,
+        load=lambda: pd.read_parquet(gen.path("scored.parquet")),
+        describe=lambda s: f"mean loss {s['loss'].mean():.3f}, {s['correct'].mean():.1%} correct",
+    )
+
+    def curate_samples() -> dict:
+        rng = np.random.default_rng([cfg.seed, _CURATE_STREAM, gen.index])
+        result = curate(scored, pool, cfg.curate, task, rng)
+        kept = result.samples[result.samples["kept"]]
+        rows = task.synthetic_example(kept["prompt"], kept["response"]).assign(source="synthetic")
+        labels = result.labels
+        label_rows = pd.DataFrame(
+            {
+                "prompt": np.repeat(labels["prompt"].to_numpy(), cfg.curate.label_repeats),
+                "response": np.repeat(labels["response"].to_numpy(), cfg.curate.label_repeats),
+                "source": "labeled",
+            }
+        )
+        curated = pd.concat([rows, label_rows], ignore_index=True).assign(
+            origin_generation=gen.index
+        )
+        write_parquet(result.samples, gen.path("curated_samples.parquet"))
+        write_parquet(labels, gen.path("labels.parquet"))
+        write_parquet(curated, gen.path("curated.parquet"))
+        write_json(result.stats, gen.path("curate.json"))
+        return result.stats
+
+    _stage(
+        gen,
+        "curate",
+        progress,
+        curate_samples,
+        load=lambda: json.loads(gen.path("curate.json").read_text()),
+        describe=lambda s: (
+            f"kept {s['kept']:,}/{s['samples']:,}, "
+            f"labels {s['labels_spent']} ({s['hard_prompts']} hard prompts)"
+        ),
+    )
+
+    def mix_data() -> pd.DataFrame:
+        synthetic = [
+            pd.read_parquet(Generation(gen.root, g).path("curated.parquet"))
+            for g in range(1, gen.index + 1)
+        ]
+        rng = np.random.default_rng([cfg.seed, _MIX_STREAM, gen.index])
+        training_set = mix(task.real, synthetic, cfg.mix, rng)
+        write_parquet(training_set, gen.path("mix.parquet"))
+        return training_set
+
+    return _stage(
+        gen, "mix", progress, mix_data, load=lambda: _read_mix(gen), describe=_describe_mix
+    )
+
+
+def train_stage(
+    cfg: RunConfig, task: Task, gen: Generation, init_model: str, training_set: pd.DataFrame
+) -> str:
+    """Fine-tune from `init_model` on the generation's mix; the model lands in gen_XX/model."""
+    from pipeline.inference import worker_env
+    from pipeline.train import TrainJob, train_generation
+
+    if len(training_set) == 0:
+        # Curation kept nothing and no real data is mixed in: the model carries over.
+        with atomic_dir(gen.path("model")) as tmp:
+            shutil.copytree(init_model, tmp, dirs_exist_ok=True)
+        write_json({"steps": 0, "skipped": "empty training set"}, gen.path("train.json"))
+        return str(gen.path("model"))
+    first = gen.index == 0
+    job = TrainJob(
+        init_model=init_model,
+        steps=cfg.loop.gen0_steps if first else cfg.train.steps,
+        seed=cfg.seed + gen.index,
+        max_length=cfg.model.max_length,
+        add_eos=task.add_eos,
+        trust_remote_code=cfg.model.trust_remote_code,
+        max_new_tokens=task.max_new_tokens,
+    )
+    if first and task.verifiable and cfg.loop.gen0_target_accuracy is not None:
+        job.validation_prompts = task.validation["prompt"].tolist()
+        job.validation_answers = task.validation["response"].tolist()
+        job.target_accuracy = cfg.loop.gen0_target_accuracy
+        job.eval_every = cfg.loop.gen0_eval_every
+    checkpoint, state = train_generation(
+        job, str(gen.path("mix.parquet")), str(gen.dir), cfg.train, worker_env()
+    )
+    with atomic_dir(gen.path("model")) as tmp:
+        shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
+    write_json(state, gen.path("train.json"))
+    return str(gen.path("model"))
+
+
+def evaluate_stage(cfg: RunConfig, task: Task, gen: Generation, model: str) -> dict:
+    """Held-out real data: accuracy (verifiable tasks), perplexity, collapse signals."""
+    from pipeline.inference import EvalActor, map_with_actors
+
+    e = cfg.eval
+    rows = map_with_actors(
+        task.heldout,
+        EvalActor,
+        workers=e.workers,
+        use_gpu=cfg.train.use_gpu,
+        rows_per_batch=e.batch_size,
+        constructor_kwargs=dict(
+            model_dir=model,
+            trust_remote_code=cfg.model.trust_remote_code,
+            use_gpu=cfg.train.use_gpu,
+            greedy=task.verifiable,
+            max_new_tokens=task.max_new_tokens,
+            temperature=e.sample_temperature,
+            batch_size=e.batch_size,
+            max_length=cfg.model.max_length,
+            add_eos=task.add_eos,
+        ),
+    )
+    loss, ppl = perplexity(rows["loss_sum"].to_numpy(), rows["tokens"].to_numpy())
+    metrics = {"generation": gen.index, "heldout_loss": loss, "perplexity": ppl}
+    if task.verifiable:
+        rows["correct"] = task.verify(rows["greedy"].tolist(), rows["response"].tolist())
+        metrics["accuracy"] = float(rows["correct"].mean())
+    metrics.update(collapse_signals(rows["sampled"].tolist()))
+    for name in ("train.json", "curate.json"):
+        if gen.path(name).exists():
+            metrics[name.split(".")[0]] = json.loads(gen.path(name).read_text())
+    metrics["mix"] = composition(pd.read_parquet(gen.path("mix.parquet"), columns=["source"]))
+    write_parquet(rows, gen.path("eval.parquet"))
+    write_json(metrics, gen.path("metrics.json"))
+    return metrics
+
+
+def prepare_base_model(cfg: RunConfig, task: Task, run_dir: Path) -> str:
+    """The model generation 0 starts from: the user's `model.path`, or a tiny GPT-2 built
+    from config with a character tokenizer over the task's alphabet."""
+    if cfg.model.path is not None:
+        return cfg.model.path
+    target = run_dir / "base_model"
+    if not (target / "config.json").exists():
+        from pipeline.model import build_char_tokenizer, build_tiny_model, save_model
+
+        tokenizer = build_char_tokenizer(task.alphabet)
+        model = build_tiny_model(cfg.model, tokenizer, cfg.seed)
+        with atomic_dir(target) as tmp:
+            save_model(model, tokenizer, tmp)
+    return str(target)
+
+
+def summary_row(generation: int, metrics: dict) -> dict:
+    """The key numbers of one generation, flat, for the run's table."""
+    mix_counts = metrics.get("mix", {})
+    stats = metrics.get("curate", {})
+    return {
+        "generation": generation,
+        "accuracy": metrics.get("accuracy", float("nan")),
+        "perplexity": metrics["perplexity"],
+        "heldout_loss": metrics["heldout_loss"],
+        "train_examples": sum(mix_counts.values()),
+        "real": mix_counts.get("real", 0),
+        "synthetic": mix_counts.get("synthetic", 0),
+        "labeled": mix_counts.get("labeled", 0),
+        "kept": stats.get("kept", 0),
+        "dropped": stats.get("dropped", 0),
+        "labels_spent": stats.get("labels_spent", 0),
+        "sample_accuracy": stats.get("sample_accuracy", float("nan")),
+        "filter_precision": stats.get("filter_precision", float("nan")),
+        "hard_prompts": stats.get("hard_prompts", 0),
+        "distinct_1": metrics["distinct_1"],
+        "distinct_2": metrics["distinct_2"],
+        "char_entropy": metrics["char_entropy"],
+        "word_entropy": metrics["word_entropy"],
+        "vocabulary": metrics["vocabulary"],
+        "train_steps": metrics.get("train", {}).get("step", 0),
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _stage(
+    gen: Generation,
+    name: str,
+    progress: Progress,
+    compute: Callable,
+    *,
+    load: Callable,
+    describe: Callable,
+):
+    """Run `compute` unless the stage's marker says it finished before; then mark it done."""
+    if gen.done(name):
+        result = load()
+        progress.stage(gen.index, name, describe(result), None)
+        return result
+    started = time.perf_counter()
+    result = compute()
+    gen.mark(name)
+    progress.stage(gen.index, name, describe(result), time.perf_counter() - started)
+    return result
+
+
+def _seed_mix(task: Task, gen: Generation) -> pd.DataFrame:
+    """Generation 0 trains on the real (seed) data alone."""
+    training_set = task.real.assign(source="real", origin_generation=-1)
+    write_parquet(training_set, gen.path("mix.parquet"))
+    return training_set
+
+
+def _read_mix(gen: Generation) -> pd.DataFrame:
+    return pd.read_parquet(gen.path("mix.parquet"))
+
+
+def _describe_mix(frame: pd.DataFrame) -> str:
+    counts = composition(frame)
+    return f"{len(frame):,} examples ({', '.join(f'{k} {v:,}' for k, v in counts.items() if v)})"
+
+
+def _describe_train(gen: Generation) -> Callable[[str], str]:
+    def describe(_model: str) -> str:
+        state = json.loads(gen.path("train.json").read_text())
+        if state.get("skipped"):
+            return f"skipped: {state['skipped']}"
+        loss = state["log"][-1]["loss"] if state.get("log") else float("nan")
+        early = (
+            f", early stop at step {state['stopped_early']}" if state.get("stopped_early") else ""
+        )
+        return f"{state['step']} steps, final loss {loss:.3f}{early}"
+
+    return describe
+
+
+def _describe_eval(metrics: dict) -> str:
+    parts = []
+    if "accuracy" in metrics:
+        parts.append(f"accuracy {metrics['accuracy']:.3f}")
+    parts.append(f"perplexity {metrics['perplexity']:.3f}")
+    parts.append(f"distinct-2 {metrics['distinct_2']:.3f}")
+    return ", ".join(parts)
+
+
+def _quiet_ray_data() -> None:
+    import logging
+
+    import ray.data
+
+    from pipeline.inference import _quiet_transformers
+
+    _quiet_transformers()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.verbose_stats_logs = False

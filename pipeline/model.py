@@ -1,0 +1,216 @@
+"""Models and tokenizers: build the tiny GPT-2, load any HF causal LM, encode, generate, score.
+
+Plain torch + transformers, no Ray: the Ray actors and train workers in `pipeline/` call these.
+Every model lives on disk as a Hugging Face directory (safetensors + tokenizer), so the tiny
+model built from config and a user's `from_pretrained` model take exactly the same path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
+
+from pipeline.config import ModelConfig
+
+IGNORE = -100  # label of a token that is not trained on (prompt, padding)
+
+
+def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
+    """A character-level HF tokenizer over `alphabet`, made locally (nothing downloaded)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for char in alphabet:
+        vocab.setdefault(char, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<eos>",
+        unk_token="<unk>",
+    )
+
+
+def build_tiny_model(cfg: ModelConfig, tokenizer, seed: int) -> GPT2LMHeadModel:
+    """A small GPT-2-style causal LM from config, with seeded random weights."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=cfg.max_length,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def save_model(model, tokenizer, directory: str | Path) -> None:
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def load_model(
+    path: str | Path,
+    *,
+    trust_remote_code: bool = False,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+):
+    """(model, tokenizer) from a local HF directory or a hub id, in eval mode."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
+    )
+    return model.to(device).eval(), tokenizer
+
+
+def _start_ids(tokenizer) -> list[int]:
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [] if start is None else [start]
+
+
+@dataclass
+class Encoded:
+    input_ids: np.ndarray  # (N, L) int64, right-padded
+    attention_mask: np.ndarray  # (N, L) int64
+    labels: np.ndarray  # (N, L) int64, IGNORE on prompt and padding
+
+
+def encode_examples(tokenizer, prompts, responses, *, max_length: int, add_eos: bool) -> Encoded:
+    """Tokenize (prompt, response) pairs for training or scoring: loss on the response only."""
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    start, end = _start_ids(tokenizer), [tokenizer.eos_token_id] if add_eos else []
+    rows = [(start + p + r + end, len(start) + len(p)) for p, r in zip(prompt_ids, response_ids)]
+    length = min(max_length, max((len(ids) for ids, _ in rows), default=1))
+    n = len(rows)
+    input_ids = np.full((n, length), tokenizer.pad_token_id, dtype=np.int64)
+    attention = np.zeros((n, length), dtype=np.int64)
+    labels = np.full((n, length), IGNORE, dtype=np.int64)
+    for i, (ids, n_prompt) in enumerate(rows):
+        ids = ids[:length]
+        input_ids[i, : len(ids)] = ids
+        attention[i, : len(ids)] = 1
+        labels[i, n_prompt : len(ids)] = ids[n_prompt:]
+    return Encoded(input_ids, attention, labels)
+
+
+@torch.no_grad()
+def token_losses(model, encoded: Encoded, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token cross-entropy of every labeled token.
+
+    Returns:
+        (losses, mask), both (N, L-1): losses[i, j] is the loss of predicting token j+1 of row i;
+        mask marks the positions that count (response tokens).
+    """
+    device = next(model.parameters()).device
+    n, length = encoded.input_ids.shape
+    losses = np.zeros((n, max(length - 1, 0)), dtype=np.float32)
+    for lo in range(0, n, batch_size):
+        ids = torch.from_numpy(encoded.input_ids[lo : lo + batch_size]).to(device)
+        mask = torch.from_numpy(encoded.attention_mask[lo : lo + batch_size]).to(device)
+        labels = torch.from_numpy(encoded.labels[lo : lo + batch_size]).to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        ce = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+        losses[lo : lo + batch_size] = (ce * (targets != IGNORE)).cpu().numpy()
+    return losses, encoded.labels[:, 1:] != IGNORE
+
+
+def example_losses(
+    model, tokenizer, prompts, responses, *, max_length: int, add_eos: bool, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean response-token loss, number of response tokens) per example."""
+    encoded = encode_examples(tokenizer, prompts, responses, max_length=max_length, add_eos=add_eos)
+    losses, mask = token_losses(model, encoded, batch_size)
+    counts = mask.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(counts > 0, losses.sum(axis=1) / np.maximum(counts, 1), np.nan)
+    return mean.astype(np.float32), counts.astype(np.int64)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts,
+    *,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    greedy: bool,
+    batch_size: int,
+    max_length: int,
+    synced_gpus: bool = False,
+) -> list[str]:
+    """Sample answers with the KV cache, batched; returns len(prompts) * k strings, prompt-major."""
+    device = next(model.parameters()).device
+    start = _start_ids(tokenizer)
+    encoded = [
+        start + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    ]
+    budget = max(1, min(max_new_tokens, max_length - max((len(e) for e in encoded), default=0)))
+    k = 1 if greedy else samples_per_prompt
+    out: list[str] = []
+    for lo in range(0, len(encoded), batch_size):
+        batch = encoded[lo : lo + batch_size]
+        width = max(len(e) for e in batch)
+        # Left padding, so every prompt ends where generation starts.
+        ids = torch.tensor(
+            [[tokenizer.pad_token_id] * (width - len(e)) + e for e in batch], device=device
+        )
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in batch], device=device)
+        sampling = (
+            dict(do_sample=False)
+            if greedy
+            else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        )
+        generated = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=budget,
+            use_cache=True,
+            num_return_sequences=k,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=synced_gpus,
+            **sampling,
+        )
+        new_tokens = generated[:, width:].cpu().numpy()
+        out.extend(_decode_until_eos(tokenizer, new_tokens))
+    if greedy and samples_per_prompt > 1:
+        out = [text for text in out for _ in range(samples_per_prompt)]
+    return out
+
+
+def _decode_until_eos(tokenizer, rows: np.ndarray) -> list[str]:
+    eos = tokenizer.eos_token_id
+    texts = []
+    for row in rows:
+        stop = np.flatnonzero(row == eos)
+        row = row[: stop[0]] if len(stop) else row
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts

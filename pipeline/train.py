@@ -1,0 +1,287 @@
+"""Train one generation: Ray Train `TorchTrainer` workers running DeepSpeed (ZeRO 0-3).
+
+The driver reads the training mix as a Ray Dataset; each worker tokenizes its own shard's
+batches, trains `steps` optimizer steps, and rank 0 hands the model back as a Ray Train
+checkpoint (an HF directory: safetensors + tokenizer + `train_state.json`). A worker that
+dies is replaced and training resumes from the last checkpoint (`FailureConfig`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipeline.config import TrainConfig
+
+TRAIN_STATE = "train_state.json"
+
+
+@dataclass
+class TrainJob:
+    """What one generation's training needs, as plain values a worker can receive."""
+
+    init_model: str  # HF directory (or hub id) the generation starts from
+    steps: int
+    seed: int
+    max_length: int
+    add_eos: bool
+    trust_remote_code: bool = False
+    # Early stop (generation 0): evaluate greedy accuracy on these every `eval_every` steps.
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_answers: list[str] = field(default_factory=list)
+    target_accuracy: float | None = None
+    eval_every: int = 100
+    max_new_tokens: int = 8
+
+
+def deepspeed_config(cfg: TrainConfig, steps: int) -> dict:
+    """The DeepSpeed JSON for one generation (fp32 + torch AdamW on CPU; bf16 on GPU)."""
+    if cfg.schedule == "cosine":
+        scheduler = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(steps, cfg.warmup_steps + 1),
+                "warmup_num_steps": cfg.warmup_steps,
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": 0.1,
+            },
+        }
+    else:
+        scheduler = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": cfg.lr,
+                "warmup_num_steps": cfg.warmup_steps,
+                "warmup_type": "linear",
+            },
+        }
+    zero: dict = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if cfg.deepspeed.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.batch_size // cfg.workers,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.lr,
+                "weight_decay": cfg.weight_decay,
+                "betas": [0.9, 0.95],
+                "torch_adam": not cfg.use_gpu,
+            },
+        },
+        "scheduler": scheduler,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def train_generation(
+    job: TrainJob, mix_path: str, storage_dir: str, cfg: TrainConfig, env: dict[str, str]
+) -> tuple[str, dict]:
+    """Fit one generation. Returns (checkpoint directory, training metrics)."""
+    dataset = ray.data.read_parquet(mix_path, columns=["prompt", "response"]).materialize()
+    loop_config = {
+        "job": asdict(job),
+        "ds_config": deepspeed_config(cfg, job.steps),
+        "checkpoint_every": cfg.checkpoint_every,
+        "env": env,
+        "resume_from": _latest_checkpoint(Path(storage_dir) / "train"),
+    }
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"GPU": 1} if cfg.use_gpu else {"CPU": 1},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(Path(storage_dir).resolve()),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint (see {storage_dir}/train)")
+    path = result.checkpoint.path
+    metrics = json.loads((Path(path) / TRAIN_STATE).read_text())
+    return path, metrics
+
+
+def _latest_checkpoint(train_dir: Path) -> str | None:
+    """The newest checkpoint a killed driver's earlier attempt left behind, if any."""
+    found = sorted(train_dir.glob("checkpoint_*/" + TRAIN_STATE), key=lambda p: p.stat().st_mtime)
+    return str(found[-1].parent) if found else None
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    os.environ.update(config["env"])
+    import deepspeed
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.inference import _quiet_transformers
+    from pipeline.model import encode_examples, generate, load_model
+
+    _quiet_transformers()
+    job = TrainJob(**config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(job.seed)
+
+    start_dir, state = job.init_model, {"step": 0, "log": [], "evals": []}
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir = None
+    if checkpoint is not None:
+        resume_dir = checkpoint.to_directory()
+    elif config["resume_from"]:
+        resume_dir = config["resume_from"]
+    if resume_dir:
+        start_dir = resume_dir
+        state = json.loads((Path(resume_dir) / TRAIN_STATE).read_text())
+    model, tokenizer = load_model(start_dir, trust_remote_code=job.trust_remote_code)
+    model.train()
+    ds_config = config["ds_config"]
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+    )
+    # Put the LR schedule where it was when the checkpoint was written.
+    for _ in range(state["step"]):
+        scheduler.step()
+
+    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+    shard = ray.train.get_dataset_shard("train")
+    step, tokens, started = state["step"], 0, time.perf_counter()
+    done = step >= job.steps
+    losses: list[float] = []
+    epoch = 0
+    while not done:
+        batches = shard.iter_batches(
+            batch_size=micro_batch,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=min(4 * micro_batch, 2048),
+            local_shuffle_seed=job.seed + 1000 * epoch + step,
+        )
+        seen_any = False
+        for batch in batches:
+            seen_any = True
+            enc = encode_examples(
+                tokenizer,
+                batch["prompt"],
+                batch["response"],
+                max_length=job.max_length,
+                add_eos=job.add_eos,
+            )
+            out = engine(
+                input_ids=torch.from_numpy(enc.input_ids).to(engine.device),
+                attention_mask=torch.from_numpy(enc.attention_mask).to(engine.device),
+                labels=torch.from_numpy(enc.labels).to(engine.device),
+            )
+            engine.backward(out.loss)
+            engine.step()
+            step += 1
+            tokens += int(enc.attention_mask.sum())
+            losses.append(float(out.loss))
+            if step % 50 == 0 or step == job.steps:
+                state["log"].append({"step": step, "loss": float(np.mean(losses[-50:]))})
+            if job.target_accuracy is not None and step % job.eval_every == 0:
+                accuracy = _accuracy(engine.module, tokenizer, job, zero3, generate)
+                state["evals"].append({"step": step, "accuracy": accuracy})
+                if accuracy >= job.target_accuracy:
+                    state["stopped_early"] = step
+                    done = True
+            if step >= job.steps:
+                done = True
+            every = config["checkpoint_every"]
+            if done or (every and step % every == 0):
+                state["step"] = step
+                _report(engine, tokenizer, state, rank, zero3, final=done)
+            if done:
+                break
+        if not seen_any:
+            raise RuntimeError("the training mix is smaller than one batch per worker")
+        epoch += 1
+    elapsed = time.perf_counter() - started
+    # Throughput across workers, for the run's logs (rank 0 wrote the final checkpoint).
+    total = torch.tensor([tokens], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(total)
+    if rank == 0:
+        print(
+            f"[train] {step} steps, {int(total.item())} tokens in {elapsed:.1f}s "
+            f"({total.item() / max(elapsed, 1e-9):,.0f} tokens/s)",
+            flush=True,
+        )
+
+
+def _accuracy(module, tokenizer, job: TrainJob, zero3: bool, generate) -> float:
+    module.eval()
+    answers = generate(
+        module,
+        tokenizer,
+        job.validation_prompts,
+        samples_per_prompt=1,
+        max_new_tokens=job.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        greedy=True,
+        batch_size=512,
+        max_length=job.max_length,
+        synced_gpus=zero3,
+    )
+    module.train()
+    correct = sum(a.strip() == b.strip() for a, b in zip(answers, job.validation_answers))
+    return correct / max(1, len(answers))
+
+
+def _report(engine, tokenizer, state: dict, rank: int, zero3: bool, final: bool) -> None:
+    """Every rank calls this; rank 0 writes the HF checkpoint and hands it to Ray Train."""
+    import deepspeed
+
+    from pipeline.model import save_model
+
+    module = engine.module
+    with tempfile.TemporaryDirectory() as directory:
+        if zero3:
+            # Parameters are partitioned: gather them (all ranks take part), rank 0 saves.
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                if rank == 0:
+                    save_model(module, tokenizer, directory)
+        elif rank == 0:
+            save_model(module, tokenizer, directory)
+        checkpoint = None
+        if rank == 0:
+            state = dict(state, final=final, time=time.time())
+            (Path(directory) / TRAIN_STATE).write_text(json.dumps(state))
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report({"step": state["step"]}, checkpoint=checkpoint)
