@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
         help="dotted config overrides, e.g. loop.generations=6 mix.real_fraction=0.2",
     )
     run.set_defaults(handler=cmd_run)
+    from pipeline import diagnose_cmd, report_cmd
+
+    diagnose_cmd.register(commands)
+    report_cmd.register(commands)
     return parser
 
 
@@ -121,7 +125,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     print(f"genloop: run directory {run_dir}", flush=True)
     progress = Progress(cfg.loop.generations, echo=lambda line: print(line, flush=True))
-    table = run_loop(cfg, run_dir, progress, log_to_driver=args.verbose)
+    try:
+        table = run_loop(cfg, run_dir, progress, log_to_driver=args.verbose)
+    finally:
+        import ray
+
+        ray.shutdown()
     print()
     print(format_table(table))
     print(
@@ -132,4 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m`, this file is `__main__`; use the importable module so that the
+    # sub-commands' exception classes are the ones `main` catches.
+    from pipeline.cli import main as _main
+
+    sys.exit(_main())

@@ -188,8 +188,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             continue
         _set_dotted(raw, key.strip(), _parse_value(value))
     config = _build(RunConfig, raw, "", errors)
-    if not errors:
-        errors.extend(validate(config))
+    errors.extend(validate(config))
     if errors:
         raise ConfigError(errors)
     return config
@@ -225,17 +224,20 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
     for key in raw:
         if key not in names:
             errors.append(
-                f"unknown key {prefix}{key!r}; valid keys here: {', '.join(sorted(names))}"
+                f"unknown key '{prefix}{key}'; valid keys here: {', '.join(sorted(names))}"
             )
     values = {}
     for f in dataclasses.fields(cls):
-        if f.name not in raw:
-            continue
-        values[f.name] = _coerce(hints[f.name], raw[f.name], f"{prefix}{f.name}", errors)
+        if f.name in raw:
+            value = _coerce(hints[f.name], raw[f.name], f"{prefix}{f.name}", errors)
+            if value is not _Default:
+                values[f.name] = value
     return cls(**values)
 
 
 def _coerce(hint: Any, value: Any, key: str, errors: list[str]) -> Any:
+    """`value` checked against `hint`; on a mismatch the error is recorded and the field's
+    default is kept, so that range checks can still run on the rest of the config."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
@@ -246,35 +248,54 @@ def _coerce(hint: Any, value: Any, key: str, errors: list[str]) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key, errors)
     if origin is Literal:
-        if value not in args:
-            errors.append(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
+        return (
+            value
+            if value in args
+            else _mismatch(errors, f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        )
     if origin is dict:
         ok = isinstance(value, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
         )
-        if not ok:
-            errors.append(f"{key}: expected a mapping of names, e.g. {{prompt: question}}")
-            return {}
-        return dict(value)
+        return (
+            dict(value)
+            if ok
+            else _mismatch(errors, f"{key}: expected a mapping of names, e.g. {{prompt: question}}")
+        )
     if hint is bool:
-        if not isinstance(value, bool):
-            errors.append(f"{key}: expected true or false, got {value!r}")
-        return value
+        return (
+            value
+            if isinstance(value, bool)
+            else _mismatch(errors, f"{key}: expected true or false, got {value!r}")
+        )
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{key}: expected an integer, got {value!r}")
-        return value
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return value if ok else _mismatch(errors, f"{key}: expected an integer, got {value!r}")
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads "3e-4" as a string; it is the way people write learning rates.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.append(f"{key}: expected a number, got {value!r}")
-            return value
-        return float(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok else _mismatch(errors, f"{key}: expected a number, got {value!r}")
     if hint is str:
-        if not isinstance(value, str):
-            errors.append(f"{key}: expected a string, got {value!r}")
-        return value
+        return (
+            value
+            if isinstance(value, str)
+            else _mismatch(errors, f"{key}: expected a string, got {value!r}")
+        )
     raise TypeError(f"config field {key} has an unsupported type {hint}")
+
+
+class _Default:
+    """Marks a field whose given value was refused; the dataclass default stands in."""
+
+
+def _mismatch(errors: list[str], message: str) -> type[_Default]:
+    errors.append(message)
+    return _Default
 
 
 # --------------------------------------------------------------------------- validation

@@ -50,7 +50,7 @@ def deepspeed_config(cfg: TrainConfig, steps: int) -> dict:
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": max(steps, cfg.warmup_steps + 1),
-                "warmup_num_steps": cfg.warmup_steps,
+                "warmup_num_steps": max(1, cfg.warmup_steps),
                 "warmup_min_ratio": 0.0,
                 "cos_min_ratio": 0.1,
             },
@@ -61,7 +61,7 @@ def deepspeed_config(cfg: TrainConfig, steps: int) -> dict:
             "params": {
                 "warmup_min_lr": 0.0,
                 "warmup_max_lr": cfg.lr,
-                "warmup_num_steps": cfg.warmup_steps,
+                "warmup_num_steps": max(1, cfg.warmup_steps),
                 "warmup_type": "linear",
             },
         }

@@ -1,0 +1,92 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, RunConfig, load_config, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = sorted((ROOT / "ray_configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_embedded_default_and_valid():
+    cfg = load_config()
+    assert cfg == RunConfig()
+    assert validate(cfg) == []
+    assert cfg.task.name == "arithmetic" and cfg.loop.generations >= 4
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_loads_and_validates(preset):
+    overrides = ["task.path=input.txt"] if preset.name == "text.yaml" else []
+    cfg = load_config(preset, overrides)
+    assert validate(cfg) == []
+
+
+def test_arithmetic_preset_matches_the_defaults():
+    assert load_config(ROOT / "ray_configs" / "arithmetic.yaml") == RunConfig()
+
+
+def test_dotted_overrides_change_fields_with_types():
+    cfg = load_config(None, ["loop.generations=6", "mix.real_fraction=0.2",
+                             "train.deepspeed.zero_stage=2", "mix.mode=accumulate",
+                             "task.fields={prompt: question}", "mix.size=100"])
+    assert cfg.loop.generations == 6
+    assert cfg.mix.real_fraction == 0.2
+    assert cfg.train.deepspeed.zero_stage == 2
+    assert cfg.mix.mode == "accumulate"
+    assert cfg.task.fields == {"prompt": "question"}
+    assert cfg.mix.size == 100
+
+
+def test_int_is_accepted_for_a_float_field():
+    assert load_config(None, ["mix.real_fraction=1"]).mix.real_fraction == 1.0
+
+
+def test_curate_shorthand_sets_the_strategy():
+    assert load_config(None, ["curate=none"]).curate.strategy == "none"
+
+
+def test_every_error_is_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["mix.real_fraction=1.5", "loop.generatons=3", "train.steps=abc",
+                           "curate.label_budget=-1", "mix.mode=sometimes", "nokey"])
+    errors = "\n".join(info.value.errors)
+    assert "mix.real_fraction: must be in [0, 1], got 1.5" in errors
+    assert "unknown key 'loop.generatons'" in errors and "generations" in errors
+    assert "train.steps: expected an integer, got 'abc'" in errors
+    assert "mix.mode: 'sometimes' is not one of" in errors
+    assert "'nokey': expected key=value" in errors
+    assert len(info.value.errors) >= 5
+
+
+def test_range_checks_run_after_types():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["curate.label_budget=-1", "curate.gamma=0.7", "train.batch_size=63",
+                           "curate.strategy=best"])
+    errors = "\n".join(info.value.errors)
+    assert "curate.label_budget: must be >= 0" in errors
+    assert "curate.gamma: must be in [0, 0.5]" in errors
+    assert "multiple of train.workers" in errors
+    assert "curate.strategy: 'best' is not one of" in errors
+
+
+def test_text_task_needs_a_path():
+    with pytest.raises(ConfigError, match="task.path"):
+        load_config(None, ["task.name=text"])
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loop: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(flat)
+
+
+def test_scientific_notation_is_a_number():
+    assert load_config(None, ["train.lr=3e-3"]).train.lr == 0.003

@@ -1,0 +1,35 @@
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from pipeline.metrics import collapse_signals, distinct_n, entropy_bits, perplexity
+
+
+def test_distinct_n_by_hand():
+    texts = ["a b a b", "a b"]
+    # unigrams: a b a b a b -> 2 unique of 6; bigrams: ab ba ab ab -> 2 unique of 4
+    assert distinct_n(texts, 1) == pytest.approx(2 / 6)
+    assert distinct_n(texts, 2) == pytest.approx(2 / 4)
+    assert distinct_n(["single"], 2) == 0.0
+
+
+def test_entropy_by_hand():
+    assert entropy_bits(Counter({"a": 1, "b": 1})) == pytest.approx(1.0)
+    assert entropy_bits(Counter({"a": 4})) == 0.0
+    assert entropy_bits(Counter({"a": 2, "b": 1, "c": 1})) == pytest.approx(1.5)
+
+
+def test_collapse_signals_fall_for_repetitive_text():
+    diverse = collapse_signals(["the cat sat on the mat", "a dog ran in the park"])
+    collapsed = collapse_signals(["the the the the", "the the the the"])
+    for key in ("distinct_1", "distinct_2", "char_entropy", "word_entropy", "vocabulary"):
+        assert collapsed[key] < diverse[key]
+    assert collapsed["mean_length"] == 15
+
+
+def test_perplexity_is_token_weighted():
+    loss, ppl = perplexity(np.array([2.0, 1.0]), np.array([2, 1]))
+    assert loss == pytest.approx(1.0) and ppl == pytest.approx(math.e)
+    assert math.isnan(perplexity(np.array([0.0]), np.array([0]))[0])

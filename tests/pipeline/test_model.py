@@ -1,0 +1,49 @@
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.model import IGNORE, encode_examples, example_losses, generate, load_model
+
+
+def test_char_tokenizer_roundtrip(tiny_model_dir):
+    _, tokenizer = load_model(tiny_model_dir)
+    ids = tokenizer("12+3= ab\n", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 9
+    assert tokenizer.decode(ids) == "12+3= ab\n"
+
+
+def test_encode_masks_prompt_and_padding(tiny_model_dir):
+    _, tok = load_model(tiny_model_dir)
+    enc = encode_examples(tok, ["1+1=", "10+1="], ["2", "11"], max_length=16, add_eos=True)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    # row 0: <eos> 1 + 1 = 2 <eos> <pad> <pad>; row 1 is two tokens longer
+    assert enc.input_ids.shape == (2, 9)
+    assert enc.input_ids[0, 0] == eos and enc.input_ids[0, -1] == pad
+    assert enc.labels[0].tolist() == [IGNORE] * 5 + [tok.convert_tokens_to_ids("2"), eos] + [IGNORE] * 2
+    assert enc.attention_mask[0].tolist() == [1] * 7 + [0] * 2
+    assert (enc.labels[1] != IGNORE).sum() == 3  # "1", "1", eos
+
+
+def test_example_losses_match_a_manual_cross_entropy(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    prompts, responses = ["12+3=", "9+9="], ["51", "81"]
+    mean, count = example_losses(model, tok, prompts, responses, max_length=32, add_eos=True,
+                                 batch_size=1)
+    assert count.tolist() == [3, 3]
+    enc = encode_examples(tok, prompts[:1], responses[:1], max_length=32, add_eos=True)
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(enc.input_ids)).logits[0, :-1]
+    targets = torch.from_numpy(enc.labels[0, 1:])
+    keep = targets != IGNORE
+    manual = F.cross_entropy(logits[keep], targets[keep]).item()
+    assert np.isclose(mean[0], manual, atol=1e-5)
+
+
+def test_generate_returns_k_samples_per_prompt(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    out = generate(model, tok, ["1+2=", "30+40="], samples_per_prompt=3, max_new_tokens=4,
+                   temperature=1.0, top_p=0.9, greedy=False, batch_size=8, max_length=64)
+    assert len(out) == 6 and all(len(s) <= 4 for s in out)
+    greedy = generate(model, tok, ["1+2="], samples_per_prompt=2, max_new_tokens=4,
+                      temperature=1.0, top_p=1.0, greedy=True, batch_size=8, max_length=64)
+    assert len(greedy) == 2 and greedy[0] == greedy[1]

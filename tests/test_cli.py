@@ -1,0 +1,70 @@
+"""The command line: bad input exits 2 with one line per problem, no traceback, no Ray."""
+
+import pytest
+
+from pipeline.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    return code, capsys.readouterr()
+
+
+def test_bad_overrides_are_refused_together(capsys, tmp_path):
+    code, out = _run(capsys, "run", "--run-dir", str(tmp_path / "r"), "mix.real_fraction=2",
+                     "loop.generatons=3", "train.deepspeed.zero_stage=5")
+    assert code == 2
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("genloop: config error:") for line in lines)
+    assert "Traceback" not in out.err
+    assert not (tmp_path / "r").exists()  # refused before any work
+
+
+def test_missing_data_file(capsys, tmp_path):
+    code, out = _run(capsys, "run", "--config", "ray_configs/text.yaml",
+                     f"task.path={tmp_path / 'missing.txt'}", "--run-dir", str(tmp_path / "r"))
+    assert code == 2
+    assert "missing.txt: file not found" in out.err and "Traceback" not in out.err
+
+
+def test_malformed_jsonl_is_named_by_line(capsys, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
+    code, out = _run(capsys, "run", "task.name=pairs", f"task.path={data}",
+                     "--run-dir", str(tmp_path / "r"))
+    assert code == 2 and "d.jsonl: line 2: not valid JSON" in out.err
+
+
+def test_missing_config_and_unknown_preset(capsys, tmp_path):
+    code, out = _run(capsys, "run", "--config", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "config file not found" in out.err
+
+
+def test_resume_needs_a_run_dir(capsys, tmp_path):
+    code, out = _run(capsys, "run", "--resume")
+    assert code == 2 and "--resume needs --run-dir" in out.err
+    code, out = _run(capsys, "run", "--resume", "--run-dir", str(tmp_path))
+    assert code == 2 and "no config.yaml" in out.err
+
+
+def test_an_existing_run_is_not_overwritten(capsys, tmp_path):
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    code, out = _run(capsys, "run", "--run-dir", str(tmp_path))
+    assert code == 2 and "already holds a run" in out.err
+
+
+def test_resume_refuses_changing_history(capsys, tmp_path):
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    code, out = _run(capsys, "run", "--resume", "--run-dir", str(tmp_path), "mix.real_fraction=1")
+    assert code == 2 and "keeps its config" in out.err
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+
+
+@pytest.mark.parametrize("argv", [["run", "--help"], ["--help"]])
+def test_help(argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0

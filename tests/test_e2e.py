@@ -1,0 +1,82 @@
+"""The whole loop on a real local Ray: a 2-generation smoke run, a resume, and a crash."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+
+TINY = [
+    "task.seed_examples=200", "task.pool_prompts=48", "task.heldout_prompts=40",
+    "task.validation_prompts=40", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+    "model.max_length=32", "loop.gen0_steps=30", "loop.gen0_target_accuracy=null",
+    "train.steps=10", "train.batch_size=16", "train.lr=3e-3", "generate.batch_size=64",
+    "eval.batch_size=40",
+]
+STAGES = ["generate", "score", "curate", "mix", "train", "evaluate"]
+
+
+def _markers(run_dir: Path) -> dict[str, float]:
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns
+            for p in sorted(run_dir.glob("gen_*/.done/*"))}
+
+
+@pytest.mark.slow
+def test_two_generations_then_resume_for_a_third(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["run", "--run-dir", str(run_dir), "loop.generations=2", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "[gen 2/2] evaluate" in out and str(run_dir.resolve()) in out
+
+    table = pd.read_csv(run_dir / "metrics.csv")
+    assert table["generation"].tolist() == [0, 1, 2]
+    assert table["accuracy"].between(0, 1).all() and (table["perplexity"] > 1).all()
+    for gen in ("gen_01", "gen_02"):
+        assert sorted(p.name for p in (run_dir / gen / ".done").iterdir()) == sorted(STAGES)
+        scored = pd.read_parquet(run_dir / gen / "curated_samples.parquet")
+        assert len(scored) == 48 * 4
+        assert {"loss", "correct", "length", "kept", "drop_reason"} <= set(scored.columns)
+        assert (scored.loc[~scored["kept"], "drop_reason"] != "").all()
+        assert (run_dir / gen / "model" / "model.safetensors").exists()
+    assert (run_dir / "metrics.png").stat().st_size > 1000
+    metrics = json.loads((run_dir / "gen_01" / "metrics.json").read_text())
+    assert metrics["curate"]["kept"] + metrics["curate"]["dropped"] == 48 * 4
+
+    before = _markers(run_dir)
+    assert main(["run", "--run-dir", str(run_dir), "--resume", "loop.generations=3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(done earlier)") == 3 + 6 * 2  # gen 0: mix, train, evaluate
+    after = _markers(run_dir)
+    assert {k: after[k] for k in before} == before  # nothing finished was redone
+    assert pd.read_csv(run_dir / "metrics.csv")["generation"].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_without_recomputing(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "pipeline.cli", "run", "--run-dir", str(run_dir),
+               "loop.generations=2", *TINY]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        if "[gen 1/2] score" in line or time.time() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    before = _markers(run_dir)
+    assert "gen_01/.done/score" in before and "gen_02/.done/train" not in before
+
+    assert main(["run", "--run-dir", str(run_dir), "--resume"]) == 0
+    after = _markers(run_dir)
+    assert {k: after[k] for k in before} == before
+    table = pd.read_csv(run_dir / "metrics.csv")
+    assert table["generation"].tolist() == [0, 1, 2]
+    assert not list(run_dir.rglob("*.tmp"))
