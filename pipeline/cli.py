@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
 
     diagnose_cmd.register(commands)
     report_cmd.register(commands)
+    from pipeline import compare
+
+    compare.register(commands)
     return parser
 
 

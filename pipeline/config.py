@@ -136,6 +136,17 @@ class EvalConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Adaptation guard: what to do when a generation makes held-out data worse."""
+
+    action: Literal["off", "flag", "stop", "rollback"] = "flag"
+    metric: Literal["auto", "perplexity", "accuracy"] = "auto"  # auto: accuracy if verifiable
+    tolerance: float = 0.02  # allowed worsening: relative for perplexity, absolute for accuracy
+    rollback_real_fraction_step: float = 0.25  # a retried generation gets this much more real data
+    max_retries: int = 1  # rollbacks per generation before the worse model is kept (and flagged)
+
+
+@dataclass
 class RayConfig:
     address: str | None = None  # None: start a local Ray for the run; or auto / ray://... / a URL
     num_cpus: int | None = None  # local Ray only; None: every core
@@ -153,6 +164,7 @@ class RunConfig:
     mix: MixConfig = field(default_factory=MixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -424,6 +436,9 @@ def validate(c: RunConfig) -> list[str]:
         "train.deepspeed.precision: bf16 needs train.use_gpu=true",
     )
 
+    need(c.guard.tolerance >= 0, f"guard.tolerance: must be >= 0, got {c.guard.tolerance}")
+    fraction("guard.rollback_real_fraction_step", c.guard.rollback_real_fraction_step)
+    need(c.guard.max_retries >= 0, f"guard.max_retries: must be >= 0, got {c.guard.max_retries}")
     positive("eval.batch_size", c.eval.batch_size)
     positive("eval.workers", c.eval.workers)
     positive("eval.sample_temperature", c.eval.sample_temperature)

@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,27 +104,43 @@ def run_loop(
     base = prepare_base_model(cfg, task, run_dir)
 
     rows = []
-    model = base
+    model, previous = base, None
     for index in range(cfg.loop.generations + 1):
         model, metrics = run_generation(
-            cfg, task, Generation(run_dir, index), base, model, progress
+            cfg, task, Generation(run_dir, index), base, model, previous, progress
         )
         rows.append(summary_row(index, metrics))
+        previous = metrics
+        if metrics.get("guard", {}).get("stopped"):
+            progress.echo(f"[gen {index}] guard: stopping the loop ({metrics['guard']['reason']})")
+            break
     table = pd.DataFrame(rows)
     write_parquet(table, run_dir / "metrics.parquet")
     write_text(table.to_csv(index=False), run_dir / "metrics.csv")
     from pipeline.report import plot_metrics
 
     plot_metrics(table, run_dir / "metrics.png", title=f"{cfg.task.name}: {run_dir.name}")
+    _log_tensorboard(table, run_dir)
     return table
 
 
 def run_generation(
-    cfg: RunConfig, task: Task, gen: Generation, base: str, model: str, progress: Progress
+    cfg: RunConfig,
+    task: Task,
+    gen: Generation,
+    base: str,
+    model: str,
+    previous: dict | None,
+    progress: Progress,
 ) -> tuple[str, dict]:
-    """One generation: its training set, the next model, its evaluation."""
+    """One generation: its training set, the next model, its evaluation, the guard's verdict.
+
+    With `guard.action=rollback`, a generation that makes held-out data worse is set aside
+    (moved to `gen_XX/attempt_K/`) and redone from the same curated samples with more real
+    data, at most `guard.max_retries` times.
+    """
     if gen.index == 0:
-        training_set = _stage(
+        _stage(
             gen,
             "mix",
             progress,
@@ -133,31 +149,103 @@ def run_generation(
             describe=_describe_mix,
         )
     else:
-        training_set = self_training_data(cfg, task, gen, model, progress)
+        curate_samples_stage(cfg, task, gen, model, progress)
     init = base if (gen.index == 0 or cfg.train.init_from == "base") else model
-    model = _stage(
-        gen,
+    while True:
+        attempt = len(list(gen.dir.glob("attempt_*")))
+        mix_cfg = replace(
+            cfg.mix,
+            real_fraction=min(
+                1.0, cfg.mix.real_fraction + attempt * cfg.guard.rollback_real_fraction_step
+            ),
+        )
+        if gen.index > 0:
+            _stage(
+                gen,
+                "mix",
+                progress,
+                lambda: mix_stage(cfg, task, gen, mix_cfg),
+                load=lambda: _read_mix(gen),
+                describe=_describe_mix,
+            )
+        new_model = _stage(
+            gen,
+            "train",
+            progress,
+            lambda: train_stage(cfg, task, gen, init, _read_mix(gen)),
+            load=lambda: str(gen.path("model")),
+            describe=_describe_train(gen),
+        )
+        metrics = _stage(
+            gen,
+            "evaluate",
+            progress,
+            lambda: evaluate_stage(cfg, task, gen, new_model, previous, attempt),
+            load=lambda: json.loads(gen.path("metrics.json").read_text()),
+            describe=_describe_eval,
+        )
+        verdict = metrics.get("guard", {})
+        if not verdict.get("worse"):
+            return new_model, metrics
+        progress.echo(f"[gen {gen.index}] guard: {verdict['reason']}")
+        if cfg.guard.action != "rollback" or attempt >= cfg.guard.max_retries:
+            return new_model, metrics
+        _set_aside(gen, attempt)
+        retry_fraction = min(1.0, mix_cfg.real_fraction + cfg.guard.rollback_real_fraction_step)
+        progress.echo(
+            f"[gen {gen.index}] guard: rolled back; retrying with "
+            f"mix.real_fraction={retry_fraction:.2f}"
+        )
+
+
+def guard_verdict(cfg: RunConfig, task: Task, previous: dict | None, metrics: dict) -> dict:
+    """Is this generation worse on held-out real data than the previous one?"""
+    g = cfg.guard
+    if g.action == "off" or previous is None:
+        return {}
+    metric = g.metric if g.metric != "auto" else ("accuracy" if task.verifiable else "perplexity")
+    before, after = previous[metric], metrics[metric]
+    if metric == "accuracy":
+        worse = after < before - g.tolerance
+        change = f"accuracy {before:.3f} -> {after:.3f}"
+    else:
+        worse = after > before * (1 + g.tolerance)
+        change = f"perplexity {before:.3f} -> {after:.3f}"
+    reason = f"{change} ({'worse' if worse else 'within'} tolerance {g.tolerance})"
+    return {
+        "metric": metric,
+        "before": before,
+        "after": after,
+        "worse": bool(worse),
+        "action": g.action,
+        "reason": reason,
+        "stopped": bool(worse and g.action == "stop"),
+    }
+
+
+def _set_aside(gen: Generation, attempt: int) -> None:
+    """Move a rejected attempt's mix, model and evaluation out of the way (kept for study)."""
+    target = gen.path(f"attempt_{attempt}")
+    target.mkdir()
+    for name in (
+        "mix.parquet",
+        "model",
         "train",
-        progress,
-        lambda: train_stage(cfg, task, gen, init, training_set),
-        load=lambda: str(gen.path("model")),
-        describe=_describe_train(gen),
-    )
-    metrics = _stage(
-        gen,
-        "evaluate",
-        progress,
-        lambda: evaluate_stage(cfg, task, gen, model),
-        load=lambda: json.loads(gen.path("metrics.json").read_text()),
-        describe=_describe_eval,
-    )
-    return model, metrics
+        "train.json",
+        "eval.parquet",
+        "metrics.json",
+        "diagnostics.parquet",
+    ):
+        if gen.path(name).exists():
+            shutil.move(str(gen.path(name)), str(target / name))
+    for stage in ("mix", "train", "evaluate"):
+        (gen.dir / ".done" / stage).unlink(missing_ok=True)
 
 
-def self_training_data(
+def curate_samples_stage(
     cfg: RunConfig, task: Task, gen: Generation, model: str, progress: Progress
 ) -> pd.DataFrame:
-    """generate -> score -> curate -> mix, with the previous generation's model."""
+    """generate -> score -> curate, with the previous generation's model."""
     from pipeline.inference import GenerateActor, ScoreActor, map_with_actors
 
     pool = task.prompt_pool(gen.index)
@@ -258,19 +346,17 @@ def self_training_data(
         ),
     )
 
-    def mix_data() -> pd.DataFrame:
-        synthetic = [
-            pd.read_parquet(Generation(gen.root, g).path("curated.parquet"))
-            for g in range(1, gen.index + 1)
-        ]
-        rng = np.random.default_rng([cfg.seed, _MIX_STREAM, gen.index])
-        training_set = mix(task.real, synthetic, cfg.mix, rng)
-        write_parquet(training_set, gen.path("mix.parquet"))
-        return training_set
 
-    return _stage(
-        gen, "mix", progress, mix_data, load=lambda: _read_mix(gen), describe=_describe_mix
-    )
+def mix_stage(cfg: RunConfig, task: Task, gen: Generation, mix_cfg) -> pd.DataFrame:
+    """Real data and this (and, accumulating, every earlier) generation's curated rows."""
+    synthetic = [
+        pd.read_parquet(Generation(gen.root, g).path("curated.parquet"))
+        for g in range(1, gen.index + 1)
+    ]
+    rng = np.random.default_rng([cfg.seed, _MIX_STREAM, gen.index])
+    training_set = mix(task.real, synthetic, mix_cfg, rng)
+    write_parquet(training_set, gen.path("mix.parquet"))
+    return training_set
 
 
 def train_stage(
@@ -310,8 +396,16 @@ def train_stage(
     return str(gen.path("model"))
 
 
-def evaluate_stage(cfg: RunConfig, task: Task, gen: Generation, model: str) -> dict:
-    """Held-out real data: accuracy (verifiable tasks), perplexity, collapse signals."""
+def evaluate_stage(
+    cfg: RunConfig,
+    task: Task,
+    gen: Generation,
+    model: str,
+    previous: dict | None = None,
+    attempt: int = 0,
+) -> dict:
+    """Held-out real data: accuracy (verifiable tasks), perplexity, collapse signals, the
+    per-token change against the previous generation, and the guard's verdict."""
     from pipeline.inference import EvalActor, map_with_actors
 
     e = cfg.eval
@@ -344,8 +438,30 @@ def evaluate_stage(cfg: RunConfig, task: Task, gen: Generation, model: str) -> d
             metrics[name.split(".")[0]] = json.loads(gen.path(name).read_text())
     metrics["mix"] = composition(pd.read_parquet(gen.path("mix.parquet"), columns=["source"]))
     write_parquet(rows, gen.path("eval.parquet"))
+    if gen.index > 0:
+        metrics["tokens"] = token_diagnostics(cfg, gen)
+    metrics["attempt"] = attempt
+    metrics["guard"] = guard_verdict(cfg, task, previous, metrics)
     write_json(metrics, gen.path("metrics.json"))
     return metrics
+
+
+def token_diagnostics(cfg: RunConfig, gen: Generation) -> dict:
+    """Adaptation Odyssey's analysis: where on held-out tokens did the loss change?"""
+    from pipeline.diagnostics import diagnose_generation
+
+    diagnosis = diagnose_generation(
+        Generation(gen.root, gen.index - 1).dir,
+        gen.dir,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    write_parquet(diagnosis.categories, gen.path("diagnostics.parquet"))
+    categories = diagnosis.categories.set_index("category")
+    return {
+        "mean_delta": categories["mean_delta"].to_dict(),
+        "share_of_increase": categories["share_of_increase"].to_dict(),
+        "top_risers": diagnosis.risers[["token", "delta_sum"]].to_dict("records"),
+    }
 
 
 def prepare_base_model(cfg: RunConfig, task: Task, run_dir: Path) -> str:
@@ -362,6 +478,19 @@ def prepare_base_model(cfg: RunConfig, task: Task, run_dir: Path) -> str:
         with atomic_dir(target) as tmp:
             save_model(model, tokenizer, tmp)
     return str(target)
+
+
+def _log_tensorboard(table: pd.DataFrame, run_dir: Path) -> None:
+    """Per-generation scalars as TensorBoard events in RUN_DIR/tensorboard."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+        for row in table.to_dict("records"):
+            for key, value in row.items():
+                if key != "generation" and isinstance(value, (int, float)) and value == value:
+                    writer.add_scalar(key, value, global_step=int(row["generation"]))
 
 
 def summary_row(generation: int, metrics: dict) -> dict:
@@ -389,6 +518,8 @@ def summary_row(generation: int, metrics: dict) -> dict:
         "word_entropy": metrics["word_entropy"],
         "vocabulary": metrics["vocabulary"],
         "train_steps": metrics.get("train", {}).get("step", 0),
+        "guard_worse": bool(metrics.get("guard", {}).get("worse", False)),
+        "attempt": metrics.get("attempt", 0),
     }
 
 

@@ -19,7 +19,8 @@ def test_encode_masks_prompt_and_padding(tiny_model_dir):
     # row 0: <eos> 1 + 1 = 2 <eos> <pad> <pad>; row 1 is two tokens longer
     assert enc.input_ids.shape == (2, 9)
     assert enc.input_ids[0, 0] == eos and enc.input_ids[0, -1] == pad
-    assert enc.labels[0].tolist() == [IGNORE] * 5 + [tok.convert_tokens_to_ids("2"), eos] + [IGNORE] * 2
+    two = tok.convert_tokens_to_ids("2")
+    assert enc.labels[0].tolist() == [IGNORE] * 5 + [two, eos] + [IGNORE] * 2
     assert enc.attention_mask[0].tolist() == [1] * 7 + [0] * 2
     assert (enc.labels[1] != IGNORE).sum() == 3  # "1", "1", eos
 

@@ -1,0 +1,222 @@
+"""`genloop compare`: several loop variants with the same seeds, side by side.
+
+    genloop compare --out DIR [--config PRESET] [--seeds 0,1,2]
+        [--vary curate.strategy=none,filter,filter+labels-uniform,filter+labels-hard]
+        [--vary curate.gamma=0.1,0.2] [key=value ...]
+
+Every combination of the `--vary` values is one variant; every variant runs once per seed,
+each a whole loop in `DIR/<variant>/seed_<s>/` on one shared Ray. Generation 0 does not depend
+on the varied curation and mixing keys, so it is trained once per seed and copied. A rerun of
+the same command resumes: finished stages are loaded, not redone. Writes `DIR/results.csv`
+(every run's per-generation metrics), `DIR/summary.csv` and `DIR/summary.md` (mean and
+standard deviation over seeds) and `DIR/accuracy.png` (mean per variant with a band over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# Keys that generation 0 does not read: varying only these lets runs share generation 0.
+_GEN0_FREE = ("curate.", "mix.", "guard.", "loop.generations", "generate.", "score.")
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "compare",
+        help="run loop variants with the same seeds and compare them",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    parser.add_argument("--out", required=True, help="experiment directory")
+    parser.add_argument("--config", help="base preset YAML (default: the embedded default)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a config key and its values; repeat to make a grid (default: "
+        "curate.strategy over the four strategies)",
+    )
+    parser.add_argument(
+        "--metric",
+        default=None,
+        help="metric to compare (default: accuracy if the task has it, else perplexity)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="overrides applied to every run"
+    )
+    parser.set_defaults(handler=cmd_compare)
+
+
+def variants(vary: list[str]) -> list[dict[str, str]]:
+    """`["a=1,2", "b=x"]` -> [{"a": "1", "b": "x"}, {"a": "2", "b": "x"}]."""
+    from pipeline.cli import UsageError
+
+    axes = []
+    for item in vary or ["curate.strategy=none,filter,filter+labels-uniform,filter+labels-hard"]:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise UsageError(f"--vary {item!r}: expected KEY=V1,V2,..., e.g. curate.gamma=0.1,0.2")
+        axes.append([(key, value) for value in values.split(",")])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def variant_name(assignment: dict[str, str]) -> str:
+    return "__".join(f"{k.split('.')[-1]}={v}" for k, v in assignment.items()).replace("/", "-")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.connect import connect
+    from pipeline.cli import UsageError
+    from pipeline.config import load_config
+    from pipeline.inference import worker_env
+    from pipeline.loop import Progress, run_loop
+    from pipeline.tasks import make_task
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds {args.seeds!r}: expected integers like 0,1,2") from None
+    grid = variants(args.vary)
+    # Validate every run's config before any work starts.
+    runs = []
+    for assignment in grid:
+        for seed in seeds:
+            overrides = [
+                *args.overrides,
+                *(f"{k}={v}" for k, v in assignment.items()),
+                f"seed={seed}",
+            ]
+            runs.append((variant_name(assignment), seed, load_config(args.config, overrides)))
+    make_task(runs[0][2].task, runs[0][2].seed)
+    shareable = all(k.startswith(_GEN0_FREE) for a in grid for k in a)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"genloop compare: {len(grid)} variants x {len(seeds)} seeds = {len(runs)} runs in {out}",
+        flush=True,
+    )
+    started = time.perf_counter()
+    frames = []
+    connect(
+        runs[0][2].ray.address,
+        num_cpus=runs[0][2].ray.num_cpus,
+        env=worker_env(),
+        log_to_driver=False,
+    )
+    try:
+        for name, seed, cfg in runs:
+            run_dir = out / name / f"seed_{seed}"
+            if shareable:
+                _reuse_generation_zero(out, seed, run_dir)
+            print(f"\n== {name} seed {seed} ==", flush=True)
+            progress = Progress(cfg.loop.generations, echo=lambda line: print(line, flush=True))
+            table = run_loop(cfg, run_dir, progress)
+            frames.append(table.assign(variant=name, seed=seed))
+    finally:
+        ray.shutdown()
+    results = pd.concat(frames, ignore_index=True)
+    metric = args.metric or ("accuracy" if results["accuracy"].notna().any() else "perplexity")
+    summary = summarize(results, metric)
+    from pipeline.data import write_text
+
+    write_text(results.to_csv(index=False), out / "results.csv")
+    write_text(summary.to_csv(index=False), out / "summary.csv")
+    write_text(summary_markdown(summary, metric), out / "summary.md")
+    plot_comparison(results, metric, out / f"{metric}.png")
+    print()
+    print(summary_markdown(summary, metric))
+    final = summary[summary["generation"] == summary["generation"].max()]
+    print("\nfinal generation:")
+    print(format_table_final(final, metric))
+    print(f"\ngenloop compare: finished in {time.perf_counter() - started:.0f}s; {out.resolve()}")
+    return 0
+
+
+def _reuse_generation_zero(out: Path, seed: int, run_dir: Path) -> None:
+    """Copy a finished generation 0 (and base model) of the same seed from a sibling run."""
+    if (run_dir / "gen_00" / ".done" / "evaluate").exists():
+        return
+    for done in sorted(out.glob(f"*/seed_{seed}/gen_00/.done/evaluate")):
+        source = done.parents[2]
+        if source == run_dir:
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("gen_00", "base_model"):
+            if (source / name).exists() and not (run_dir / name).exists():
+                shutil.copytree(source / name, run_dir / name, ignore=_skip_train_dir)
+        return
+
+
+def _skip_train_dir(directory: str, names: list[str]) -> list[str]:
+    return ["train"] if Path(directory).name == "gen_00" and "train" in names else []
+
+
+def summarize(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Mean, standard deviation, min and max of `metric` over seeds, per variant and generation."""
+    grouped = results.groupby(["variant", "generation"])[metric]
+    summary = grouped.agg(["mean", "std", "min", "max", "count"]).reset_index()
+    order = {name: i for i, name in enumerate(dict.fromkeys(results["variant"]))}
+    return summary.sort_values(
+        ["variant", "generation"], key=lambda c: c.map(order) if c.name == "variant" else c
+    ).reset_index(drop=True)
+
+
+def summary_markdown(summary: pd.DataFrame, metric: str) -> str:
+    """Variants as rows, generations as columns: `mean ± std`."""
+    table = summary.assign(
+        cell=[
+            f"{m:.3f} ± {0 if np.isnan(s) else s:.3f}"
+            for m, s in zip(summary["mean"], summary["std"])
+        ]
+    )
+    wide = table.pivot(index="variant", columns="generation", values="cell")
+    wide = wide.loc[list(dict.fromkeys(summary["variant"]))]
+    header = "| variant | " + " | ".join(f"gen {g}" for g in wide.columns) + " |"
+    rule = "|---|" + "---|" * len(wide.columns)
+    rows = [f"| {name} | " + " | ".join(wide.loc[name]) + " |" for name in wide.index]
+    return "\n".join([f"{metric} (mean ± std over seeds)", "", header, rule, *rows])
+
+
+def format_table_final(final: pd.DataFrame, metric: str) -> str:
+    ordered = final.sort_values("mean", ascending=metric == "perplexity")
+    return "\n".join(
+        f"  {row.variant:<40} {row.mean:.3f} ± {0 if np.isnan(row.std) else row.std:.3f}"
+        f"  (min {row.min:.3f}, max {row.max:.3f}, {row.count} seeds)"
+        for row in ordered.itertuples()
+    )
+
+
+def plot_comparison(results: pd.DataFrame, metric: str, path: Path) -> None:
+    """Mean `metric` against generation per variant, with a min-max band over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.data import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, frame in results.groupby("variant", sort=False):
+        stats = frame.groupby("generation")[metric].agg(["mean", "min", "max"])
+        (line,) = ax.plot(stats.index, stats["mean"], marker="o", label=name)
+        ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.15, color=line.get_color())
+    ax.set_xlabel("generation")
+    ax.set_ylabel(f"held-out {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"held-out {metric}: mean over seeds, band = min..max", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
