@@ -13,7 +13,14 @@ import numpy as np
 import pandas as pd
 import ray
 
-from pipeline.model import encode_examples, example_losses, generate, load_model, token_losses
+from pipeline.model import (
+    context_length,
+    encode_examples,
+    example_losses,
+    generate,
+    load_model,
+    token_losses,
+)
 
 
 def _quiet_transformers() -> None:
@@ -133,6 +140,7 @@ class EvalActor(_ModelActor):
             batch_size=batch_size,
             max_length=max_length,
         )
+        self.settings["max_length"] = min(max_length, context_length(self.model) or max_length)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         batch = batch.copy()

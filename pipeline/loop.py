@@ -90,6 +90,7 @@ def run_loop(
     from pipeline.inference import worker_env
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(run_dir)
     write_text(dump_yaml(cfg), run_dir / "config.yaml")
     task = make_task(cfg.task, cfg.seed)
     progress.echo(
@@ -586,6 +587,15 @@ def _describe_eval(metrics: dict) -> str:
     return ", ".join(parts)
 
 
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Half-written files of a killed run (atomic writers' `.NAME.XXXX.tmp`) are deleted."""
+    for stale in run_dir.rglob(".*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 def _quiet_ray_data() -> None:
     import logging
 
@@ -594,7 +604,7 @@ def _quiet_ray_data() -> None:
     from pipeline.inference import _quiet_transformers
 
     _quiet_transformers()
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False

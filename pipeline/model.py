@@ -103,8 +103,11 @@ def encode_examples(tokenizer, prompts, responses, *, max_length: int, add_eos: 
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     start, end = _start_ids(tokenizer), [tokenizer.eos_token_id] if add_eos else []
-    rows = [(start + p + r + end, len(start) + len(p)) for p, r in zip(prompt_ids, response_ids)]
-    length = min(max_length, max((len(ids) for ids, _ in rows), default=1))
+    rows = []
+    for p, r in zip(prompt_ids, response_ids):
+        p, r = _fit(p, r + end, max_length - len(start))
+        rows.append((start + p + r, len(start) + len(p)))
+    length = max((len(ids) for ids, _ in rows), default=1)
     n = len(rows)
     input_ids = np.full((n, length), tokenizer.pad_token_id, dtype=np.int64)
     attention = np.zeros((n, length), dtype=np.int64)
@@ -115,6 +118,16 @@ def encode_examples(tokenizer, prompts, responses, *, max_length: int, add_eos: 
         attention[i, : len(ids)] = 1
         labels[i, n_prompt : len(ids)] = ids[n_prompt:]
     return Encoded(input_ids, attention, labels)
+
+
+def _fit(prompt: list[int], response: list[int], room: int) -> tuple[list[int], list[int]]:
+    """Truncate a too-long pair: the prompt loses its start (keeping at most half the room
+    when the response needs it), the response its end, so every row keeps response tokens."""
+    if len(prompt) + len(response) <= room:
+        return prompt, response
+    keep = max(room - len(response), min(len(prompt), room // 2))
+    prompt = prompt[len(prompt) - keep :] if keep > 0 else []
+    return prompt, response[: room - len(prompt)]
 
 
 @torch.no_grad()
@@ -143,6 +156,7 @@ def example_losses(
     model, tokenizer, prompts, responses, *, max_length: int, add_eos: bool, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mean response-token loss, number of response tokens) per example."""
+    max_length = min(max_length, context_length(model) or max_length)
     encoded = encode_examples(tokenizer, prompts, responses, max_length=max_length, add_eos=add_eos)
     losses, mask = token_losses(model, encoded, batch_size)
     counts = mask.sum(axis=1)
@@ -169,8 +183,12 @@ def generate(
     """Sample answers with the KV cache, batched; returns len(prompts) * k strings, prompt-major."""
     device = next(model.parameters()).device
     start = _start_ids(tokenizer)
+    max_length = min(max_length, context_length(model) or max_length)
+    # New tokens get at least half the context; a longer prompt keeps its end.
+    keep = max_length - max(1, min(max_new_tokens, max_length // 2))
     encoded = [
-        start + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        (start + ids)[-keep:]
+        for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     ]
     budget = max(1, min(max_new_tokens, max_length - max((len(e) for e in encoded), default=0)))
     k = 1 if greedy else samples_per_prompt
@@ -204,6 +222,15 @@ def generate(
     if greedy and samples_per_prompt > 1:
         out = [text for text in out for _ in range(samples_per_prompt)]
     return out
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model's position embeddings allow, when its config says."""
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _decode_until_eos(tokenizer, rows: np.ndarray) -> list[str]:

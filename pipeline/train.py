@@ -147,7 +147,7 @@ def _train_loop(config: dict) -> None:
     import torch.distributed as dist
 
     from pipeline.inference import _quiet_transformers
-    from pipeline.model import encode_examples, generate, load_model
+    from pipeline.model import context_length, encode_examples, generate, load_model
 
     _quiet_transformers()
     job = TrainJob(**config["job"])
@@ -166,6 +166,7 @@ def _train_loop(config: dict) -> None:
         start_dir = resume_dir
         state = json.loads((Path(resume_dir) / TRAIN_STATE).read_text())
     model, tokenizer = load_model(start_dir, trust_remote_code=job.trust_remote_code)
+    max_length = min(job.max_length, context_length(model) or job.max_length)
     model.train()
     ds_config = config["ds_config"]
     zero3 = ds_config["zero_optimization"]["stage"] == 3
@@ -199,7 +200,7 @@ def _train_loop(config: dict) -> None:
                 tokenizer,
                 batch["prompt"],
                 batch["response"],
-                max_length=job.max_length,
+                max_length=max_length,
                 add_eos=job.add_eos,
             )
             out = engine(

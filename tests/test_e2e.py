@@ -14,18 +14,30 @@ import pytest
 from pipeline.cli import main
 
 TINY = [
-    "task.seed_examples=200", "task.pool_prompts=48", "task.heldout_prompts=40",
-    "task.validation_prompts=40", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
-    "model.max_length=32", "loop.gen0_steps=30", "loop.gen0_target_accuracy=null",
-    "train.steps=10", "train.batch_size=16", "train.lr=3e-3", "generate.batch_size=64",
+    "task.seed_examples=200",
+    "task.pool_prompts=48",
+    "task.heldout_prompts=40",
+    "task.validation_prompts=40",
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.n_head=2",
+    "model.max_length=32",
+    "loop.gen0_steps=30",
+    "loop.gen0_target_accuracy=null",
+    "train.steps=10",
+    "train.batch_size=16",
+    "train.lr=3e-3",
+    "generate.batch_size=64",
     "eval.batch_size=40",
 ]
 STAGES = ["generate", "score", "curate", "mix", "train", "evaluate"]
 
 
 def _markers(run_dir: Path) -> dict[str, float]:
-    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns
-            for p in sorted(run_dir.glob("gen_*/.done/*"))}
+    return {
+        str(p.relative_to(run_dir)): p.stat().st_mtime_ns
+        for p in sorted(run_dir.glob("gen_*/.done/*"))
+    }
 
 
 @pytest.mark.slow
@@ -58,13 +70,51 @@ def test_two_generations_then_resume_for_a_third(tmp_path, capsys):
     assert pd.read_csv(run_dir / "metrics.csv")["generation"].tolist() == [0, 1, 2, 3]
 
 
+PAIRS = [
+    "task.name=pairs",
+    "task.fields={prompt: question, response: answer}",
+    "task.verifier=final-number",
+    "task.heldout_limit=30",
+    "task.pool_prompts=24",
+    "task.validation_prompts=0",
+    "loop.gen0_steps=10",
+    "loop.gen0_target_accuracy=null",
+    "train.steps=6",
+    "train.batch_size=8",
+    "generate.samples_per_prompt=2",
+    "generate.batch_size=24",
+    "eval.batch_size=30",
+    "model.max_length=64",
+]
+
+
 @pytest.mark.slow
-def test_a_killed_driver_resumes_without_recomputing(tmp_path):
+def test_a_killed_driver_resumes_without_recomputing(tmp_path, gsm8k, tiny_model_dir):
+    """User data (GSM8K question/answer) and a user model (an HF directory via model.path);
+    the driver and its local Ray are killed after generation 1's scoring, then resumed."""
+    data = tmp_path / "gsm8k_head.jsonl"
+    data.write_text("".join(gsm8k.read_text().splitlines(keepends=True)[:300]))
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "pipeline.cli", "run", "--run-dir", str(run_dir),
-               "loop.generations=2", *TINY]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "run",
+        "--run-dir",
+        str(run_dir),
+        "loop.generations=2",
+        f"task.path={data}",
+        f"model.path={tiny_model_dir}",
+        *PAIRS,
+    ]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     deadline = time.time() + 300
     for line in proc.stdout:
         if "[gen 1/2] score" in line or time.time() > deadline:
@@ -79,4 +129,6 @@ def test_a_killed_driver_resumes_without_recomputing(tmp_path):
     assert {k: after[k] for k in before} == before
     table = pd.read_csv(run_dir / "metrics.csv")
     assert table["generation"].tolist() == [0, 1, 2]
-    assert not list(run_dir.rglob("*.tmp"))
+    assert not list(run_dir.rglob(".*.tmp"))
+    scored = pd.read_parquet(run_dir / "gen_02" / "curated_samples.parquet")
+    assert len(scored) == 24 * 2 and scored["response"].str.len().max() > 0

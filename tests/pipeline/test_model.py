@@ -28,8 +28,9 @@ def test_encode_masks_prompt_and_padding(tiny_model_dir):
 def test_example_losses_match_a_manual_cross_entropy(tiny_model_dir):
     model, tok = load_model(tiny_model_dir)
     prompts, responses = ["12+3=", "9+9="], ["51", "81"]
-    mean, count = example_losses(model, tok, prompts, responses, max_length=32, add_eos=True,
-                                 batch_size=1)
+    mean, count = example_losses(
+        model, tok, prompts, responses, max_length=32, add_eos=True, batch_size=1
+    )
     assert count.tolist() == [3, 3]
     enc = encode_examples(tok, prompts[:1], responses[:1], max_length=32, add_eos=True)
     with torch.no_grad():
@@ -42,9 +43,39 @@ def test_example_losses_match_a_manual_cross_entropy(tiny_model_dir):
 
 def test_generate_returns_k_samples_per_prompt(tiny_model_dir):
     model, tok = load_model(tiny_model_dir)
-    out = generate(model, tok, ["1+2=", "30+40="], samples_per_prompt=3, max_new_tokens=4,
-                   temperature=1.0, top_p=0.9, greedy=False, batch_size=8, max_length=64)
+    out = generate(
+        model,
+        tok,
+        ["1+2=", "30+40="],
+        samples_per_prompt=3,
+        max_new_tokens=4,
+        temperature=1.0,
+        top_p=0.9,
+        greedy=False,
+        batch_size=8,
+        max_length=64,
+    )
     assert len(out) == 6 and all(len(s) <= 4 for s in out)
-    greedy = generate(model, tok, ["1+2="], samples_per_prompt=2, max_new_tokens=4,
-                      temperature=1.0, top_p=1.0, greedy=True, batch_size=8, max_length=64)
+    greedy = generate(
+        model,
+        tok,
+        ["1+2="],
+        samples_per_prompt=2,
+        max_new_tokens=4,
+        temperature=1.0,
+        top_p=1.0,
+        greedy=True,
+        batch_size=8,
+        max_length=64,
+    )
     assert len(greedy) == 2 and greedy[0] == greedy[1]
+
+
+def test_long_pairs_keep_response_tokens(tiny_model_dir):
+    _, tok = load_model(tiny_model_dir)
+    enc = encode_examples(tok, ["a" * 50, "b" * 3], ["1" * 30, "2"], max_length=20, add_eos=True)
+    assert enc.input_ids.shape == (2, 20)
+    # Row 0: start + 9 prompt chars (its end) + 10 response chars (its start), no eos.
+    assert (enc.labels[0] != IGNORE).sum() == 10
+    assert tok.decode(enc.input_ids[0, 1:10]) == "a" * 9
+    assert (enc.labels[1] != IGNORE).sum() == 2  # "2" and eos: short rows are untouched
