@@ -23,7 +23,14 @@ class UsageError(ValueError):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Overrides may come before, between or after the options (`run --config X a=1 --run-dir Y
+    # b=2`): argparse leaves the later ones over, and they join the first ones here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_BAD_INPUT

@@ -388,9 +388,7 @@ def train_stage(
         job.validation_answers = task.validation["response"].tolist()
         job.target_accuracy = cfg.loop.gen0_target_accuracy
         job.eval_every = cfg.loop.gen0_eval_every
-    checkpoint, state = train_generation(
-        job, str(gen.path("mix.parquet")), str(gen.dir), cfg.train, worker_env()
-    )
+    checkpoint, state = train_generation(job, training_set, str(gen.dir), cfg.train, worker_env())
     with atomic_dir(gen.path("model")) as tmp:
         shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
     write_json(state, gen.path("train.json"))

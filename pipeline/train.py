@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -93,10 +94,20 @@ def deepspeed_config(cfg: TrainConfig, steps: int) -> dict:
 
 
 def train_generation(
-    job: TrainJob, mix_path: str, storage_dir: str, cfg: TrainConfig, env: dict[str, str]
+    job: TrainJob,
+    data: str | pd.DataFrame,
+    storage_dir: str,
+    cfg: TrainConfig,
+    env: dict[str, str],
 ) -> tuple[str, dict]:
-    """Fit one generation. Returns (checkpoint directory, training metrics)."""
-    dataset = ray.data.read_parquet(mix_path, columns=["prompt", "response"]).materialize()
+    """Fit one generation on `data` (a Parquet path, or rows already in memory).
+
+    Returns (checkpoint directory, training metrics)."""
+    if isinstance(data, pd.DataFrame):
+        # Rows in memory go straight into the object store: no read tasks to schedule.
+        dataset = ray.data.from_pandas(data[["prompt", "response"]].reset_index(drop=True))
+    else:
+        dataset = ray.data.read_parquet(data, columns=["prompt", "response"]).materialize()
     loop_config = {
         "job": asdict(job),
         "ds_config": deepspeed_config(cfg, job.steps),

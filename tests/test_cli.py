@@ -11,8 +11,15 @@ def _run(capsys, *argv):
 
 
 def test_bad_overrides_are_refused_together(capsys, tmp_path):
-    code, out = _run(capsys, "run", "--run-dir", str(tmp_path / "r"), "mix.real_fraction=2",
-                     "loop.generatons=3", "train.deepspeed.zero_stage=5")
+    code, out = _run(
+        capsys,
+        "run",
+        "--run-dir",
+        str(tmp_path / "r"),
+        "mix.real_fraction=2",
+        "loop.generatons=3",
+        "train.deepspeed.zero_stage=5",
+    )
     assert code == 2
     lines = out.err.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("genloop: config error:") for line in lines)
@@ -21,8 +28,15 @@ def test_bad_overrides_are_refused_together(capsys, tmp_path):
 
 
 def test_missing_data_file(capsys, tmp_path):
-    code, out = _run(capsys, "run", "--config", "ray_configs/text.yaml",
-                     f"task.path={tmp_path / 'missing.txt'}", "--run-dir", str(tmp_path / "r"))
+    code, out = _run(
+        capsys,
+        "run",
+        "--config",
+        "ray_configs/text.yaml",
+        f"task.path={tmp_path / 'missing.txt'}",
+        "--run-dir",
+        str(tmp_path / "r"),
+    )
     assert code == 2
     assert "missing.txt: file not found" in out.err and "Traceback" not in out.err
 
@@ -30,8 +44,9 @@ def test_missing_data_file(capsys, tmp_path):
 def test_malformed_jsonl_is_named_by_line(capsys, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
-    code, out = _run(capsys, "run", "task.name=pairs", f"task.path={data}",
-                     "--run-dir", str(tmp_path / "r"))
+    code, out = _run(
+        capsys, "run", "task.name=pairs", f"task.path={data}", "--run-dir", str(tmp_path / "r")
+    )
     assert code == 2 and "d.jsonl: line 2: not valid JSON" in out.err
 
 
@@ -68,3 +83,15 @@ def test_help(argv):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 0
+
+
+def test_overrides_may_follow_options(capsys, tmp_path):
+    code, out = _run(capsys, "run", "loop.generations=1", "--run-dir", str(tmp_path / "r"),
+                     "mix.real_fraction=7")
+    assert code == 2 and "mix.real_fraction: must be in [0, 1], got 7" in out.err
+
+
+def test_unknown_flag_is_a_usage_error():
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--frobnicate"])
+    assert info.value.code == 2
