@@ -50,7 +50,8 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
     directory = tmp_path_factory.mktemp("tiny_model")
     tokenizer = build_char_tokenizer("0123456789+= abcdefghijklmnopqrstuvwxyz.,\n")
-    model = build_tiny_model(ModelConfig(n_layer=1, n_embd=32, n_head=2, max_length=64),
-                             tokenizer, seed=0)
+    model = build_tiny_model(
+        ModelConfig(n_layer=1, n_embd=32, n_head=2, max_length=64), tokenizer, seed=0
+    )
     save_model(model, tokenizer, directory)
     return str(directory)

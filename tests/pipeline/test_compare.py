@@ -7,8 +7,10 @@ from pipeline.compare import summarize, summary_markdown, variant_name, variants
 
 def test_variants_form_a_grid():
     grid = variants(["curate.gamma=0.1,0.2", "curate.beta=0.5"])
-    assert grid == [{"curate.gamma": "0.1", "curate.beta": "0.5"},
-                    {"curate.gamma": "0.2", "curate.beta": "0.5"}]
+    assert grid == [
+        {"curate.gamma": "0.1", "curate.beta": "0.5"},
+        {"curate.gamma": "0.2", "curate.beta": "0.5"},
+    ]
     assert variant_name(grid[0]) == "gamma=0.1__beta=0.5"
     assert len(variants([])) == 4
     with pytest.raises(UsageError):
@@ -16,8 +18,14 @@ def test_variants_form_a_grid():
 
 
 def test_summary_over_seeds():
-    results = pd.DataFrame({"variant": ["b", "b", "a", "a"], "seed": [0, 1, 0, 1],
-                            "generation": [1, 1, 1, 1], "accuracy": [0.5, 0.7, 0.2, 0.2]})
+    results = pd.DataFrame(
+        {
+            "variant": ["b", "b", "a", "a"],
+            "seed": [0, 1, 0, 1],
+            "generation": [1, 1, 1, 1],
+            "accuracy": [0.5, 0.7, 0.2, 0.2],
+        }
+    )
     summary = summarize(results, "accuracy")
     assert summary["variant"].tolist() == ["b", "a"]  # order of first appearance
     assert summary["mean"].tolist() == pytest.approx([0.6, 0.2])
@@ -31,10 +39,20 @@ def test_bad_values_are_refused_before_any_run(tmp_path, capsys):
 
 
 TINY = [
-    "task.seed_examples=200", "task.pool_prompts=40", "task.heldout_prompts=40",
-    "task.validation_prompts=40", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
-    "model.max_length=32", "loop.gen0_steps=20", "loop.gen0_target_accuracy=null",
-    "loop.generations=1", "train.steps=8", "train.batch_size=16", "train.lr=3e-3",
+    "task.seed_examples=200",
+    "task.pool_prompts=40",
+    "task.heldout_prompts=40",
+    "task.validation_prompts=40",
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.n_head=2",
+    "model.max_length=32",
+    "loop.gen0_steps=20",
+    "loop.gen0_target_accuracy=null",
+    "loop.generations=1",
+    "train.steps=8",
+    "train.batch_size=16",
+    "train.lr=3e-3",
     "curate.label_budget=4",
 ]
 
@@ -42,14 +60,23 @@ TINY = [
 @pytest.mark.slow
 def test_compare_two_strategies_two_seeds(tmp_path, capsys):
     out = tmp_path / "exp"
-    argv = ["compare", "--out", str(out), "--seeds", "0,1",
-            "--vary", "curate.strategy=none,filter+labels-hard", *TINY]
+    argv = [
+        "compare",
+        "--out",
+        str(out),
+        "--seeds",
+        "0,1",
+        "--vary",
+        "curate.strategy=none,filter+labels-hard",
+        *TINY,
+    ]
     assert main(argv) == 0
     results = pd.read_csv(out / "results.csv")
     assert len(results) == 2 * 2 * 2  # variants x seeds x generations 0..1
     assert set(results["variant"]) == {"strategy=none", "strategy=filter+labels-hard"}
-    hard = results[(results["variant"] == "strategy=filter+labels-hard")
-                   & (results["generation"] == 1)]
+    hard = results[
+        (results["variant"] == "strategy=filter+labels-hard") & (results["generation"] == 1)
+    ]
     assert (hard["labels_spent"] == 4).all() and (hard["labeled"] > 0).all()
     # Generation 0 is shared by the variants of a seed: identical held-out results.
     gen0 = results[results["generation"] == 0].groupby("seed")["perplexity"].nunique()

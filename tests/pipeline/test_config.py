@@ -27,9 +27,17 @@ def test_arithmetic_preset_matches_the_defaults():
 
 
 def test_dotted_overrides_change_fields_with_types():
-    cfg = load_config(None, ["loop.generations=6", "mix.real_fraction=0.2",
-                             "train.deepspeed.zero_stage=2", "mix.mode=accumulate",
-                             "task.fields={prompt: question}", "mix.size=100"])
+    cfg = load_config(
+        None,
+        [
+            "loop.generations=6",
+            "mix.real_fraction=0.2",
+            "train.deepspeed.zero_stage=2",
+            "mix.mode=accumulate",
+            "task.fields={prompt: question}",
+            "mix.size=100",
+        ],
+    )
     assert cfg.loop.generations == 6
     assert cfg.mix.real_fraction == 0.2
     assert cfg.train.deepspeed.zero_stage == 2
@@ -48,8 +56,17 @@ def test_curate_shorthand_sets_the_strategy():
 
 def test_every_error_is_reported_at_once():
     with pytest.raises(ConfigError) as info:
-        load_config(None, ["mix.real_fraction=1.5", "loop.generatons=3", "train.steps=abc",
-                           "curate.label_budget=-1", "mix.mode=sometimes", "nokey"])
+        load_config(
+            None,
+            [
+                "mix.real_fraction=1.5",
+                "loop.generatons=3",
+                "train.steps=abc",
+                "curate.label_budget=-1",
+                "mix.mode=sometimes",
+                "nokey",
+            ],
+        )
     errors = "\n".join(info.value.errors)
     assert "mix.real_fraction: must be in [0, 1], got 1.5" in errors
     assert "unknown key 'loop.generatons'" in errors and "generations" in errors
@@ -61,8 +78,15 @@ def test_every_error_is_reported_at_once():
 
 def test_range_checks_run_after_types():
     with pytest.raises(ConfigError) as info:
-        load_config(None, ["curate.label_budget=-1", "curate.gamma=0.7", "train.batch_size=63",
-                           "curate.strategy=best"])
+        load_config(
+            None,
+            [
+                "curate.label_budget=-1",
+                "curate.gamma=0.7",
+                "train.batch_size=63",
+                "curate.strategy=best",
+            ],
+        )
     errors = "\n".join(info.value.errors)
     assert "curate.label_budget: must be >= 0" in errors
     assert "curate.gamma: must be in [0, 0.5]" in errors

@@ -13,9 +13,18 @@ def _scored(correct_per_prompt):
     rows = []
     for pid, flags in enumerate(correct_per_prompt):
         for k, flag in enumerate(flags):
-            rows.append({"prompt_id": pid, "prompt": f"00{pid}+000=", "reference": f"{pid}000",
-                         "sample": k, "response": f"{pid}000" if flag else "9999",
-                         "correct": flag, "loss": 1.0, "length": 4})
+            rows.append(
+                {
+                    "prompt_id": pid,
+                    "prompt": f"00{pid}+000=",
+                    "reference": f"{pid}000",
+                    "sample": k,
+                    "response": f"{pid}000" if flag else "9999",
+                    "correct": flag,
+                    "loss": 1.0,
+                    "length": 4,
+                }
+            )
     frame = pd.DataFrame(rows)
     pool = frame.drop_duplicates("prompt_id")[["prompt_id", "prompt", "reference"]]
     return frame, pool.reset_index(drop=True)
@@ -30,8 +39,9 @@ def test_none_keeps_everything():
 
 def test_exact_filter_keeps_the_correct_and_names_the_reason():
     scored, pool = _scored([[True, False], [False, False]])
-    result = curate(scored, pool, CurateConfig(strategy="filter", gamma=0.5), TASK,
-                    np.random.default_rng(0))
+    result = curate(
+        scored, pool, CurateConfig(strategy="filter", gamma=0.5), TASK, np.random.default_rng(0)
+    )
     assert result.samples["kept"].tolist() == [True, False, False, False]
     assert result.samples["drop_reason"].tolist()[1:] == ["verifier rejected"] * 3
     assert result.stats["filter_precision"] == 1.0 and result.stats["hard_prompts"] == 1

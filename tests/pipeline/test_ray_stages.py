@@ -12,31 +12,60 @@ from pipeline.inference import GenerateActor, ScoreActor, map_with_actors, worke
 from pipeline.model import example_losses, load_model
 from pipeline.train import TRAIN_STATE, TrainJob, train_generation
 
-POOL = pd.DataFrame({"prompt_id": range(24), "prompt": [f"{i:03d}+{i:03d}=" for i in range(24)],
-                     "reference": [str(2 * i).zfill(4)[::-1] for i in range(24)]})
+POOL = pd.DataFrame(
+    {
+        "prompt_id": range(24),
+        "prompt": [f"{i:03d}+{i:03d}=" for i in range(24)],
+        "reference": [str(2 * i).zfill(4)[::-1] for i in range(24)],
+    }
+)
 
 
 def test_generate_then_score_on_an_actor_pool(ray_local, tiny_model_dir):
     common = dict(model_dir=tiny_model_dir, trust_remote_code=False, use_gpu=False)
     samples = map_with_actors(
-        POOL, GenerateActor, workers=2, use_gpu=False, rows_per_batch=8,
-        constructor_kwargs=dict(common, samples_per_prompt=3, max_new_tokens=4, temperature=1.0,
-                                top_p=1.0, batch_size=8, max_length=32))
+        POOL,
+        GenerateActor,
+        workers=2,
+        use_gpu=False,
+        rows_per_batch=8,
+        constructor_kwargs=dict(
+            common,
+            samples_per_prompt=3,
+            max_new_tokens=4,
+            temperature=1.0,
+            top_p=1.0,
+            batch_size=8,
+            max_length=32,
+        ),
+    )
     assert len(samples) == 72
     assert samples["prompt_id"].tolist() == [i for i in range(24) for _ in range(3)]
     assert samples["sample"].tolist() == [0, 1, 2] * 24
     assert samples["response"].str.len().max() <= 4
 
     scored = map_with_actors(
-        samples, ScoreActor, workers=2, use_gpu=False, rows_per_batch=16,
-        constructor_kwargs=dict(common, batch_size=16, max_length=32, add_eos=True,
-                                train_on_prompt=True))
+        samples,
+        ScoreActor,
+        workers=2,
+        use_gpu=False,
+        rows_per_batch=16,
+        constructor_kwargs=dict(
+            common, batch_size=16, max_length=32, add_eos=True, train_on_prompt=True
+        ),
+    )
     assert len(scored) == 72 and {"loss", "tokens", "length"} <= set(scored.columns)
     # The actor's losses equal a single-process computation on the same rows.
     model, tok = load_model(tiny_model_dir)
-    local, _ = example_losses(model, tok, scored["prompt"].tolist()[:5],
-                              scored["response"].tolist()[:5], max_length=32, add_eos=True,
-                              batch_size=5)
+    local, _ = example_losses(
+        model,
+        tok,
+        scored["prompt"].tolist()[:5],
+        scored["response"].tolist()[:5],
+        max_length=32,
+        add_eos=True,
+        batch_size=5,
+    )
     assert scored["loss"].to_numpy()[:5] == pytest.approx(local, abs=1e-5)
 
 
@@ -44,12 +73,14 @@ def test_generate_then_score_on_an_actor_pool(ray_local, tiny_model_dir):
 def test_deepspeed_training_on_two_workers(ray_local, tiny_model_dir, tmp_path, zero_stage):
     mix = pd.DataFrame({"prompt": POOL["prompt"], "response": POOL["reference"]})
     write_parquet(pd.concat([mix] * 4, ignore_index=True), tmp_path / "mix.parquet")
-    cfg = TrainConfig(steps=12, batch_size=8, lr=3e-3, warmup_steps=0, workers=2,
-                      checkpoint_every=6)
+    cfg = TrainConfig(
+        steps=12, batch_size=8, lr=3e-3, warmup_steps=0, workers=2, checkpoint_every=6
+    )
     cfg.deepspeed.zero_stage = zero_stage
     job = TrainJob(init_model=tiny_model_dir, steps=12, seed=0, max_length=32, add_eos=True)
-    checkpoint, state = train_generation(job, str(tmp_path / "mix.parquet"), str(tmp_path),
-                                         cfg, worker_env())
+    checkpoint, state = train_generation(
+        job, str(tmp_path / "mix.parquet"), str(tmp_path), cfg, worker_env()
+    )
     assert state["step"] == 12 and state["final"]
     assert json.loads((Path(checkpoint) / TRAIN_STATE).read_text())["step"] == 12
     assert (Path(checkpoint) / "model.safetensors").exists()

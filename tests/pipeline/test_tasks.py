@@ -36,8 +36,9 @@ def test_verifier_exact_match():
 
 
 def test_text_task_on_shakespeare(shakespeare):
-    cfg = TaskConfig(name="text", path=str(shakespeare), real_chars=20_000, heldout_limit=50,
-                     synthetic_chars=960)
+    cfg = TaskConfig(
+        name="text", path=str(shakespeare), real_chars=20_000, heldout_limit=50, synthetic_chars=960
+    )
     task = make_task(cfg, 0)
     assert len(task.real) == 20_000 // 128 and set(task.real["response"].str.len()) == {128}
     assert len(task.heldout) == 50 and (task.heldout["prompt"] == "").all()
@@ -57,16 +58,23 @@ def test_text_task_refuses_a_tiny_file(tmp_path):
 
 
 def test_pairs_task_loads_gsm8k_with_a_field_mapping(gsm8k):
-    cfg = TaskConfig(name="pairs", path=str(gsm8k), verifier="final-number",
-                     fields={"prompt": "question", "response": "answer"}, heldout_fraction=0.05,
-                     heldout_limit=100, pool_prompts=20)
+    cfg = TaskConfig(
+        name="pairs",
+        path=str(gsm8k),
+        verifier="final-number",
+        fields={"prompt": "question", "response": "answer"},
+        heldout_fraction=0.05,
+        heldout_limit=100,
+        pool_prompts=20,
+    )
     task = make_task(cfg, 0)
     assert len(task.heldout) == 100
     assert len(task.real) == 7473 - round(0.05 * 7473)
     reference = task.real["response"].iloc[0]
     final = reference.rsplit("####", 1)[1].strip()
-    assert task.verify([f"so the answer is #### {final}", "#### -1"],
-                       [reference, reference]).tolist() == [True, False]
+    assert task.verify(
+        [f"so the answer is #### {final}", "#### -1"], [reference, reference]
+    ).tolist() == [True, False]
     assert len(task.prompt_pool(1)) == 20
 
 
