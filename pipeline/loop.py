@@ -310,7 +310,10 @@ def curate_samples_stage(
         progress,
         score_samples,
         load=lambda: pd.read_parquet(gen.path("scored.parquet")),
-        describe=lambda s: f"mean loss {s['loss'].mean():.3f}, {s['correct'].mean():.1%} correct",
+        describe=lambda s: (
+            f"mean loss {s['loss'].mean():.3f}"
+            + (f", {s['correct'].mean():.1%} correct" if task.verifiable else "")
+        ),
     )
 
     def curate_samples() -> dict:
