@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
 
     diagnose_cmd.register(commands)
     report_cmd.register(commands)
+    from pipeline import select_cmd
+
+    select_cmd.register(commands)
     from pipeline import compare
 
     compare.register(commands)

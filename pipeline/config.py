@@ -98,6 +98,17 @@ class CurateConfig:
 
 
 @dataclass
+class SelectConfig:
+    """Data selection over each generation's curated synthetic rows (labels are always kept)."""
+
+    method: str = "none"  # none | random | s2l | clusterclip | loss-lowest | ... (genloop select)
+    budget: float = 0.5  # rows kept: a count (>= 1) or a fraction of the curated rows (< 1)
+    n_clusters: int = 20  # s2l / clusterclip / semdedup clusters
+    proxy_checkpoints: int = 3  # s2l: trajectory length
+    proxy_steps: int = 30  # s2l: proxy training steps between checkpoints
+
+
+@dataclass
 class MixConfig:
     real_fraction: float = 0.0  # share of the training set drawn from real data
     mode: Literal["replace", "accumulate"] = "replace"  # newest synthetic only, or all so far
@@ -161,6 +172,7 @@ class RunConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -404,6 +416,19 @@ def validate(c: RunConfig) -> list[str]:
         f"curate.filter_column: {cu.filter_column!r} is not a score column (loss, length)",
     )
 
+    from selection.selectors import SELECTORS
+
+    se = c.select
+    need(
+        se.method == "none" or se.method in SELECTORS,
+        f"select.method: {se.method!r} is not one of none, {', '.join(SELECTORS)}",
+    )
+    need(
+        0 < se.budget and (se.budget < 1 or float(se.budget).is_integer()),
+        f"select.budget: a count (integer >= 1) or a fraction in (0, 1), got {se.budget}",
+    )
+    for key in ("n_clusters", "proxy_checkpoints", "proxy_steps"):
+        positive(f"select.{key}", getattr(se, key))
     fraction("mix.real_fraction", c.mix.real_fraction)
     if c.mix.size is not None:
         positive("mix.size", c.mix.size)

@@ -23,6 +23,20 @@ from pipeline.model import (
 )
 
 
+def quiet_logs() -> None:
+    """Driver side: no Ray Data progress bars or info lines, no transformers progress bars."""
+    import logging
+
+    import ray.data
+
+    _quiet_transformers()
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.verbose_stats_logs = False
+
+
 def _quiet_transformers() -> None:
     import transformers
 

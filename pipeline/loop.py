@@ -87,7 +87,7 @@ def run_loop(
 ) -> pd.DataFrame:
     """Run (or resume) every generation; returns the per-generation metrics table."""
     from cluster.connect import connect
-    from pipeline.inference import worker_env
+    from pipeline.inference import quiet_logs, worker_env
 
     run_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(run_dir)
@@ -101,7 +101,7 @@ def run_loop(
             log_to_driver=log_to_driver,
         )
     )
-    _quiet_ray_data()
+    quiet_logs()
     base = prepare_base_model(cfg, task, run_dir)
 
     rows = []
@@ -151,6 +151,15 @@ def run_generation(
         )
     else:
         curate_samples_stage(cfg, task, gen, model, progress)
+        if cfg.select.method != "none":
+            _stage(
+                gen,
+                "select",
+                progress,
+                lambda: select_stage(cfg, gen),
+                load=lambda: json.loads(gen.path("selection.json").read_text()),
+                describe=_describe_selection,
+            )
     init = base if (gen.index == 0 or cfg.train.init_from == "base") else model
     while True:
         attempt = len(list(gen.dir.glob("attempt_*")))
@@ -320,13 +329,16 @@ def curate_samples_stage(
         rng = np.random.default_rng([cfg.seed, _CURATE_STREAM, gen.index])
         result = curate(scored, pool, cfg.curate, task, rng)
         kept = result.samples[result.samples["kept"]]
-        rows = task.synthetic_example(kept["prompt"], kept["response"]).assign(source="synthetic")
+        rows = task.synthetic_example(kept["prompt"], kept["response"]).assign(
+            source="synthetic", loss=kept["loss"].to_numpy()
+        )
         labels = result.labels
         label_rows = pd.DataFrame(
             {
                 "prompt": np.repeat(labels["prompt"].to_numpy(), cfg.curate.label_repeats),
                 "response": np.repeat(labels["response"].to_numpy(), cfg.curate.label_repeats),
                 "source": "labeled",
+                "loss": np.nan,
             }
         )
         curated = pd.concat([rows, label_rows], ignore_index=True).assign(
@@ -351,12 +363,65 @@ def curate_samples_stage(
     )
 
 
+def select_stage(cfg: RunConfig, gen: Generation) -> dict:
+    """Keep `select.budget` of the curated synthetic rows, chosen by `select.method`.
+
+    Losses come from the score stage (under the current model); embeddings and S2L's loss
+    trajectories are computed on Ray. Writes `selected.parquet` and `selection.json`."""
+    from pipeline.select_cmd import SelectOptions, compute_features, select_rows, take_rows
+    from selection.selectors import required_features
+
+    se = cfg.select
+    curated = pd.read_parquet(gen.path("curated.parquet"))
+    synthetic = curated[curated["source"] == "synthetic"].reset_index(drop=True)
+    labeled = curated[curated["source"] != "synthetic"]
+    budget = se.budget if se.budget < 1 else min(int(se.budget), len(synthetic))
+    features: dict[str, np.ndarray] = {}
+    needed = required_features(se.method)
+    if "losses" in needed:
+        features["losses"] = synthetic["loss"].to_numpy(dtype=float)
+    if needed - {"losses"} and len(synthetic):
+        options = SelectOptions(
+            checkpoints=se.proxy_checkpoints,
+            steps=se.proxy_steps,
+            workers=cfg.score.workers,
+            max_length=cfg.model.max_length,
+        )
+        features.update(
+            compute_features(
+                synthetic, se.method, options, work_dir=gen.path("select_work"), seed=cfg.seed
+            )
+        )
+    params = {"n_clusters": se.n_clusters} if se.method in ("s2l", "clusterclip") else {}
+    summary = {"method": se.method, "candidates": len(synthetic)}
+    chosen = synthetic.iloc[:0].assign(cluster=0, selection_reason="")
+    if len(synthetic):
+        selection = select_rows(
+            len(synthetic), se.method, budget, seed=cfg.seed + gen.index, params=params, **features
+        )
+        chosen = take_rows(synthetic, selection)
+        summary["cluster_sizes"] = {int(k): int(v) for k, v in selection.cluster_sizes.items()}
+        summary["cluster_budget"] = {int(k): int(v) for k, v in selection.cluster_budget.items()}
+    summary["selected"] = len(chosen)
+    write_parquet(pd.concat([chosen, labeled], ignore_index=True), gen.path("selected.parquet"))
+    write_json(summary, gen.path("selection.json"))
+    return summary
+
+
+def _describe_selection(summary: dict) -> str:
+    return f"{summary['method']}: {summary['selected']:,} of {summary['candidates']:,} rows"
+
+
 def mix_stage(cfg: RunConfig, task: Task, gen: Generation, mix_cfg) -> pd.DataFrame:
-    """Real data and this (and, accumulating, every earlier) generation's curated rows."""
-    synthetic = [
-        pd.read_parquet(Generation(gen.root, g).path("curated.parquet"))
-        for g in range(1, gen.index + 1)
-    ]
+    """Real data and this (and, accumulating, every earlier) generation's curated rows
+    (after data selection, where a generation ran it)."""
+
+    def curated(g: int) -> pd.DataFrame:
+        directory = Generation(gen.root, g)
+        selected = directory.path("selected.parquet")
+        return pd.read_parquet(selected if selected.exists() else directory.path("curated.parquet"))
+
+    synthetic = [curated(g) for g in range(1, gen.index + 1)]
     rng = np.random.default_rng([cfg.seed, _MIX_STREAM, gen.index])
     training_set = mix(task.real, synthetic, mix_cfg, rng)
     write_parquet(training_set, gen.path("mix.parquet"))
@@ -595,19 +660,3 @@ def _remove_stale_temporaries(run_dir: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
-
-
-def _quiet_ray_data() -> None:
-    import logging
-
-    import ray.data
-
-    from pipeline.inference import _quiet_transformers
-
-    _quiet_transformers()
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    context.verbose_stats_logs = False

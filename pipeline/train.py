@@ -56,13 +56,15 @@ def deepspeed_config(cfg: TrainConfig, steps: int) -> dict:
                 "cos_min_ratio": 0.1,
             },
         }
+    elif cfg.warmup_steps == 0:
+        scheduler = None  # constant learning rate from the first step
     else:
         scheduler = {
             "type": "WarmupLR",
             "params": {
                 "warmup_min_lr": 0.0,
                 "warmup_max_lr": cfg.lr,
-                "warmup_num_steps": max(1, cfg.warmup_steps),
+                "warmup_num_steps": cfg.warmup_steps,
                 "warmup_type": "linear",
             },
         }
@@ -71,7 +73,7 @@ def deepspeed_config(cfg: TrainConfig, steps: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu"}
         if cfg.deepspeed.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
-    return {
+    config = {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": cfg.batch_size // cfg.workers,
         "gradient_accumulation_steps": 1,
@@ -85,12 +87,14 @@ def deepspeed_config(cfg: TrainConfig, steps: int) -> dict:
                 "torch_adam": not cfg.use_gpu,
             },
         },
-        "scheduler": scheduler,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if scheduler is not None:
+        config["scheduler"] = scheduler
+    return config
 
 
 def train_generation(
@@ -187,13 +191,17 @@ def _train_loop(config: dict) -> None:
         config=ds_config,
     )
     # Put the LR schedule where it was when the checkpoint was written.
-    for _ in range(state["step"]):
+    for _ in range(state["step"] if scheduler is not None else 0):
         scheduler.step()
 
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     shard = ray.train.get_dataset_shard("train")
     step, tokens, started = state["step"], 0, time.perf_counter()
     done = step >= job.steps
+    if done:
+        # Resumed from a checkpoint that had already finished (the driver died after fit):
+        # hand it back again so that this run, too, ends with a checkpoint.
+        _report(engine, tokenizer, state, rank, zero3, final=True)
     losses: list[float] = []
     epoch = 0
     while not done:

@@ -30,7 +30,7 @@ TINY = [
     "generate.batch_size=64",
     "eval.batch_size=40",
 ]
-STAGES = ["generate", "score", "curate", "mix", "train", "evaluate"]
+STAGES = ["generate", "score", "curate", "select", "mix", "train", "evaluate"]
 
 
 def _markers(run_dir: Path) -> dict[str, float]:
@@ -43,7 +43,9 @@ def _markers(run_dir: Path) -> dict[str, float]:
 @pytest.mark.slow
 def test_two_generations_then_resume_for_a_third(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main(["run", "--run-dir", str(run_dir), "loop.generations=2", *TINY]) == 0
+    argv = ["run", "--run-dir", str(run_dir), "loop.generations=2", "curate=none",
+            "select.method=loss-lowest", "select.budget=0.5", *TINY]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "[gen 2/2] evaluate" in out and str(run_dir.resolve()) in out
 
@@ -58,13 +60,19 @@ def test_two_generations_then_resume_for_a_third(tmp_path, capsys):
         assert (scored.loc[~scored["kept"], "drop_reason"] != "").all()
         assert (run_dir / gen / "model" / "model.safetensors").exists()
     assert (run_dir / "metrics.png").stat().st_size > 1000
+    # Data selection kept the half of the samples with the lowest loss, and only those trained.
+    selected = pd.read_parquet(run_dir / "gen_01" / "selected.parquet")
+    losses = pd.read_parquet(run_dir / "gen_01" / "curated_samples.parquet")["loss"]
+    assert len(selected) == 48 * 4 // 2
+    assert selected["loss"].max() <= losses.sort_values().iloc[len(selected) - 1] + 1e-6
+    assert table.loc[1, "synthetic"] == len(selected)
     metrics = json.loads((run_dir / "gen_01" / "metrics.json").read_text())
     assert metrics["curate"]["kept"] + metrics["curate"]["dropped"] == 48 * 4
 
     before = _markers(run_dir)
     assert main(["run", "--run-dir", str(run_dir), "--resume", "loop.generations=3"]) == 0
     out = capsys.readouterr().out
-    assert out.count("(done earlier)") == 3 + 6 * 2  # gen 0: mix, train, evaluate
+    assert out.count("(done earlier)") == 3 + 7 * 2  # gen 0: mix, train, evaluate
     after = _markers(run_dir)
     assert {k: after[k] for k in before} == before  # nothing finished was redone
     assert pd.read_csv(run_dir / "metrics.csv")["generation"].tolist() == [0, 1, 2, 3]
