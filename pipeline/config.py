@@ -150,7 +150,7 @@ class EvalConfig:
 class GuardConfig:
     """Adaptation guard: what to do when a generation makes held-out data worse."""
 
-    action: Literal["off", "flag", "stop", "rollback"] = "flag"
+    action: Literal["none", "flag", "stop", "rollback"] = "flag"
     metric: Literal["auto", "perplexity", "accuracy"] = "auto"  # auto: accuracy if verifiable
     tolerance: float = 0.02  # allowed worsening: relative for perplexity, absolute for accuracy
     rollback_real_fraction_step: float = 0.25  # a retried generation gets this much more real data

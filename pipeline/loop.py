@@ -1,7 +1,7 @@
 """The recipe: one generation after another, in the order the work happens.
 
     generation 0:  train the base model on the seed (real) data -> evaluate
-    generation g:  generate -> score -> curate -> mix -> train -> evaluate
+    generation g:  generate -> score -> curate [-> select] -> mix -> train -> evaluate [-> guard]
 
 Every stage writes its artefacts atomically into `RUN_DIR/gen_XX/` and then a completion
 marker (`gen_XX/.done/<stage>`); a resumed run loads finished stages instead of redoing them.
@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,23 +29,6 @@ from pipeline.tasks import Task, make_task
 # Random streams, so that every stage's randomness is fixed by (seed, stream, generation),
 # whatever ran before it: a resumed stage draws exactly what the first attempt drew.
 _CURATE_STREAM, _MIX_STREAM = 11, 12
-
-SUMMARY_COLUMNS = [
-    "generation",
-    "accuracy",
-    "perplexity",
-    "heldout_loss",
-    "train_examples",
-    "real",
-    "synthetic",
-    "labeled",
-    "kept",
-    "dropped",
-    "labels_spent",
-    "distinct_2",
-    "char_entropy",
-    "seconds",
-]
 
 
 @dataclass
@@ -66,7 +49,6 @@ class Generation:
 
     root: Path
     index: int
-    timings: dict = field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
@@ -211,7 +193,7 @@ def run_generation(
 def guard_verdict(cfg: RunConfig, task: Task, previous: dict | None, metrics: dict) -> dict:
     """Is this generation worse on held-out real data than the previous one?"""
     g = cfg.guard
-    if g.action == "off" or previous is None:
+    if g.action == "none" or previous is None:
         return {}
     metric = g.metric if g.metric != "auto" else ("accuracy" if task.verifiable else "perplexity")
     before, after = previous[metric], metrics[metric]
@@ -221,7 +203,7 @@ def guard_verdict(cfg: RunConfig, task: Task, previous: dict | None, metrics: di
     else:
         worse = after > before * (1 + g.tolerance)
         change = f"perplexity {before:.3f} -> {after:.3f}"
-    reason = f"{change} ({'worse' if worse else 'within'} tolerance {g.tolerance})"
+    reason = f"{change}: {'worse than' if worse else 'within'} the tolerance of {g.tolerance}"
     return {
         "metric": metric,
         "before": before,
