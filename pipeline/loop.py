@@ -71,6 +71,8 @@ def run_loop(
     from cluster.connect import connect
     from pipeline.inference import quiet_logs, worker_env
 
+    # Ray workers do not share the driver's working directory: every path they get is absolute.
+    run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(run_dir)
     write_text(dump_yaml(cfg), run_dir / "config.yaml")
@@ -517,7 +519,8 @@ def prepare_base_model(cfg: RunConfig, task: Task, run_dir: Path) -> str:
     """The model generation 0 starts from: the user's `model.path`, or a tiny GPT-2 built
     from config with a character tokenizer over the task's alphabet."""
     if cfg.model.path is not None:
-        return cfg.model.path
+        local = Path(cfg.model.path).expanduser()
+        return str(local.resolve()) if local.exists() else cfg.model.path  # else a hub id
     target = run_dir / "base_model"
     if not (target / "config.json").exists():
         from pipeline.model import build_char_tokenizer, build_tiny_model, save_model

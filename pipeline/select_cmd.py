@@ -169,7 +169,9 @@ def cmd_select(args: argparse.Namespace, echo: Callable[[str], None] | None = No
 
     features: dict[str, np.ndarray] = {}
     if needed:
-        work_dir = Path(args.work_dir) if args.work_dir else out.parent / f"{out.stem}.select"
+        work_dir = (
+            Path(args.work_dir) if args.work_dir else out.parent / f"{out.stem}.select"
+        ).resolve()
         features = _with_ray(
             lambda: compute_features(
                 frame, method, options, work_dir=work_dir, seed=args.seed, echo=echo

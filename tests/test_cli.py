@@ -86,8 +86,9 @@ def test_help(argv):
 
 
 def test_overrides_may_follow_options(capsys, tmp_path):
-    code, out = _run(capsys, "run", "loop.generations=1", "--run-dir", str(tmp_path / "r"),
-                     "mix.real_fraction=7")
+    code, out = _run(
+        capsys, "run", "loop.generations=1", "--run-dir", str(tmp_path / "r"), "mix.real_fraction=7"
+    )
     assert code == 2 and "mix.real_fraction: must be in [0, 1], got 7" in out.err
 
 

@@ -41,10 +41,19 @@ def _markers(run_dir: Path) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_two_generations_then_resume_for_a_third(tmp_path, capsys):
+def test_two_generations_then_resume_for_a_third(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --run-dir: Ray workers must still find the models
     run_dir = tmp_path / "run"
-    argv = ["run", "--run-dir", str(run_dir), "loop.generations=2", "curate=none",
-            "select.method=loss-lowest", "select.budget=0.5", *TINY]
+    argv = [
+        "run",
+        "--run-dir",
+        "run",
+        "loop.generations=2",
+        "curate=none",
+        "select.method=loss-lowest",
+        "select.budget=0.5",
+        *TINY,
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "[gen 2/2] evaluate" in out and str(run_dir.resolve()) in out
@@ -70,7 +79,7 @@ def test_two_generations_then_resume_for_a_third(tmp_path, capsys):
     assert metrics["curate"]["kept"] + metrics["curate"]["dropped"] == 48 * 4
 
     before = _markers(run_dir)
-    assert main(["run", "--run-dir", str(run_dir), "--resume", "loop.generations=3"]) == 0
+    assert main(["run", "--run-dir", "run", "--resume", "loop.generations=3"]) == 0
     out = capsys.readouterr().out
     assert out.count("(done earlier)") == 3 + 7 * 2  # gen 0: mix, train, evaluate
     after = _markers(run_dir)
