@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_BAD_INPUT
+    from cluster.connect import ClusterError
     from pipeline.config import ConfigError
     from pipeline.data import DataError
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         for message in e.errors:
             print(f"genloop: config error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (DataError, UsageError) as e:
+    except (DataError, UsageError, ClusterError) as e:
         print(f"genloop: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -89,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     from pipeline import compare
 
     compare.register(commands)
+    from cluster import submit
+
+    submit.register(commands)
     return parser
 
 
@@ -124,6 +128,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.tasks import make_task
 
     make_task(cfg.task, cfg.seed)
+    # A wrong cluster address, too, should cost a second and leave no run directory behind.
+    from cluster.connect import preflight
+
+    preflight(cfg.ray.address)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not cfg.train.use_gpu else "cuda")
     if not args.verbose:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")

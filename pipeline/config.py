@@ -8,6 +8,7 @@ Every error in a config is collected and reported at once, before any work start
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -120,6 +121,9 @@ class DeepSpeedConfig:
     zero_stage: int = 0  # ZeRO stage 0-3
     offload: bool = False  # ZeRO-2/3: keep optimizer state (and ZeRO-3 params) in CPU memory
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 needs a GPU
+    # A DeepSpeed JSON merged over genloop's, e.g. ray_configs/deepspeed/zero3_offload.json;
+    # it must agree with the three knobs above.
+    config_file: str | None = None
 
 
 @dataclass
@@ -460,6 +464,8 @@ def validate(c: RunConfig) -> list[str]:
         ds.precision == "fp32" or tr.use_gpu,
         "train.deepspeed.precision: bf16 needs train.use_gpu=true",
     )
+    if ds.config_file is not None:
+        errors.extend(_deepspeed_file_errors(ds))
 
     need(c.guard.tolerance >= 0, f"guard.tolerance: must be >= 0, got {c.guard.tolerance}")
     fraction("guard.rollback_real_fraction_step", c.guard.rollback_real_fraction_step)
@@ -469,6 +475,37 @@ def validate(c: RunConfig) -> list[str]:
     positive("eval.sample_temperature", c.eval.sample_temperature)
     if c.ray.num_cpus is not None:
         positive("ray.num_cpus", c.ray.num_cpus)
+    return errors
+
+
+def _deepspeed_file_errors(ds: DeepSpeedConfig) -> list[str]:
+    """The DeepSpeed JSON exists, parses, and agrees with zero_stage, offload and precision."""
+    key, path = "train.deepspeed.config_file", Path(ds.config_file)
+    if not path.is_file():
+        return [f"{key}: file not found: {path}"]
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return [f"{key}: {path}: not valid JSON (line {e.lineno}: {e.msg})"]
+    zero = data.get("zero_optimization", {}) if isinstance(data, dict) else None
+    if not isinstance(zero, dict):
+        return [f"{key}: {path}: expected a JSON object, with zero_optimization an object"]
+    errors = []
+    stage = zero.get("stage", ds.zero_stage)
+    if stage != ds.zero_stage:
+        errors.append(f"{key}: {path} is ZeRO {stage}; add train.deepspeed.zero_stage={stage}")
+    offload = "offload_optimizer" in zero or "offload_param" in zero
+    if offload != ds.offload:
+        errors.append(
+            f"{key}: {path} {'offloads' if offload else 'does not offload'} to CPU; "
+            f"add train.deepspeed.offload={str(offload).lower()}"
+        )
+    bf16 = data.get("bf16", {}).get("enabled") if isinstance(data.get("bf16"), dict) else None
+    if bf16 is not None and bf16 != (ds.precision == "bf16"):
+        errors.append(
+            f"{key}: {path} sets bf16.enabled={str(bf16).lower()}; "
+            f"add train.deepspeed.precision={'bf16' if bf16 else 'fp32'}"
+        )
     return errors
 
 

@@ -94,7 +94,23 @@ def deepspeed_config(cfg: TrainConfig, steps: int) -> dict:
     }
     if scheduler is not None:
         config["scheduler"] = scheduler
+    if cfg.deepspeed.config_file:
+        config = merge_deepspeed(config, json.loads(Path(cfg.deepspeed.config_file).read_text()))
     return config
+
+
+def merge_deepspeed(base: dict, override: dict) -> dict:
+    """A DeepSpeed JSON (`train.deepspeed.config_file`) over genloop's config: objects merged
+    key by key, the file's value winning; "auto" keeps genloop's value."""
+    merged = dict(base)
+    for key, value in override.items():
+        if value == "auto":
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_deepspeed(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def train_generation(
@@ -180,6 +196,8 @@ def _train_loop(config: dict) -> None:
     if resume_dir:
         start_dir = resume_dir
         state = json.loads((Path(resume_dir) / TRAIN_STATE).read_text())
+        if rank == 0:
+            print(f"[train] resuming at step {state['step']} from {resume_dir}", flush=True)
     model, tokenizer = load_model(start_dir, trust_remote_code=job.trust_remote_code)
     max_length = min(job.max_length, context_length(model) or job.max_length)
     model.train()

@@ -1,0 +1,272 @@
+"""genloop on a two-node Ray cluster (both nodes on this machine, token auth on).
+
+One run is submitted through the job server (`genloop submit`), followed with
+`genloop jobs logs --follow`, and one of its training workers is SIGKILLed in the middle of
+generation 0, right after Ray Train has committed a checkpoint. The tests then check that
+  - the run succeeded, with its training workers on both nodes (Ray's state API), and
+  - the killed worker was replaced and training went on from that checkpoint, not from step 0,
+    ending with complete metrics.
+One job for both keeps the module at one run's length: every new Ray worker imports torch,
+DeepSpeed and transformers, which takes most of the time on a small machine.
+
+Slow and CPU-bound (both cores of a 2-core machine; 5-8 minutes there under load):
+    pytest -m slow tests/cluster/test_multinode.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+# Needs both cores for minutes: run with `make test-cluster` (not part of `make test`).
+pytestmark = [pytest.mark.slow, pytest.mark.multinode]
+
+# tests/test_e2e.py's TINY run, one CPU per Ray worker.
+TINY = [
+    "task.seed_examples=200",
+    "task.pool_prompts=48",
+    "task.heldout_prompts=40",
+    "task.validation_prompts=40",
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.n_head=2",
+    "model.max_length=32",
+    "loop.gen0_steps=30",
+    "loop.gen0_target_accuracy=null",
+    "train.steps=10",
+    "train.batch_size=16",
+    "train.lr=3e-3",
+    "generate.batch_size=64",
+    "eval.batch_size=40",
+]
+ONE_PER_STAGE = ["train.workers=2", "generate.workers=1", "score.workers=1", "eval.workers=1"]
+GEN0_STEPS, CHECKPOINT_EVERY = 60, 10  # room to kill a worker between two checkpoints
+TIMEOUT_S = 1200
+
+
+def genloop(cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The genloop command line, as a user with the cluster's token would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env=cluster.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _get(cluster, path: str, **params) -> dict:
+    r = requests.get(
+        cluster.dashboard_url + path,
+        params=params,
+        headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"},
+        timeout=10,
+    )
+    r.raise_for_status()
+    return r.json()
+
+
+def state(cluster, resource: str, **filters: str) -> list[dict]:
+    """Ray's state API (what `ray list actors --detail` shows), over HTTP."""
+    params = {"limit": 1000, "detail": 1}
+    if filters:
+        params.update(
+            filter_keys=list(filters),
+            filter_predicates=["="] * len(filters),
+            filter_values=list(filters.values()),
+        )
+    return _get(cluster, f"/api/v0/{resource}", **params)["data"]["result"]["result"]
+
+
+def train_workers(cluster, job_id: str) -> list[dict]:
+    ray_job = _get(cluster, f"/api/jobs/{job_id}")["job_id"]  # the driver's job, e.g. 02000000
+    actors = state(cluster, "actors", class_name="RayTrainWorker")
+    return [a for a in actors if a["job_id"] == ray_job]
+
+
+@dataclass
+class KilledRun:
+    """What the test saw of the run, for the assertions."""
+
+    job_id: str
+    run_dir: Path
+    status: str = ""
+    seconds: float = 0.0
+    follow: subprocess.CompletedProcess | None = None  # `genloop jobs logs --follow`
+    killed: dict | None = None  # the RayTrainWorker actor that was SIGKILLed
+    killed_at_step: int = 0  # Ray Train's last committed checkpoint at that moment
+    first_attempt: list[dict] = field(default_factory=list)  # workers alive at the kill
+    checkpoints_before: dict[str, int] = field(default_factory=dict)  # directory -> step
+    checkpoints_after: dict[str, int] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def killed_run(two_nodes, tmp_path_factory) -> KilledRun:
+    cluster, url = two_nodes, two_nodes.dashboard_url
+    run_dir = tmp_path_factory.mktemp("multinode") / "run"
+    started = time.perf_counter()
+    out = genloop(
+        cluster,
+        "submit",
+        "--address",
+        url,
+        "--",
+        "run",
+        "--run-dir",
+        str(run_dir),
+        "loop.generations=1",
+        *TINY,
+        *ONE_PER_STAGE,
+        f"loop.gen0_steps={GEN0_STEPS}",
+        f"train.checkpoint_every={CHECKPOINT_EVERY}",
+        "train.max_failures=2",
+        "ray.address=auto",
+    )
+    assert out.returncode == 0, out.stderr
+    job_id = re.search(r"submitted job (\S+)", out.stdout).group(1)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "jobs", "logs", job_id, "--address", url]
+        + ["--follow"],
+        env=cluster.env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    train_dir = run_dir / "gen_00" / "train"
+    run = KilledRun(job_id, run_dir)
+    seen: dict[str, int] = {}
+    try:
+        while time.perf_counter() - started < TIMEOUT_S:
+            _note_checkpoints(train_dir, seen)
+            run.status = _get(cluster, f"/api/jobs/{job_id}")["status"]
+            if run.status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            step = _committed_step(train_dir)
+            if run.killed is None and CHECKPOINT_EVERY <= step < GEN0_STEPS:
+                alive = [w for w in train_workers(cluster, job_id) if w["state"] == "ALIVE"]
+                nodes = {n["node_id"]: n for n in state(cluster, "nodes")}
+                # The one on the worker node: the head node keeps the driver going.
+                victims = [w for w in alive if not nodes[w["node_id"]]["is_head_node"]]
+                if victims:
+                    os.kill(victims[0]["pid"], signal.SIGKILL)
+                    run.killed, run.killed_at_step, run.first_attempt = victims[0], step, alive
+                    run.checkpoints_before = dict(seen)
+                    print(
+                        f"\nkilled RayTrainWorker pid {victims[0]['pid']} on node "
+                        f"{victims[0]['node_id'][:12]} {time.perf_counter() - started:.0f}s "
+                        f"into job {job_id}; last committed checkpoint: step {step}"
+                    )
+            time.sleep(0.3)
+        out, _ = follower.communicate(timeout=120)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    _note_checkpoints(train_dir, seen)
+    run.follow = subprocess.CompletedProcess(follower.args, follower.returncode, out, "")
+    run.checkpoints_after = {k: v for k, v in seen.items() if k not in run.checkpoints_before}
+    run.seconds = time.perf_counter() - started
+    print(f"job {job_id}: {run.status} after {run.seconds:.0f}s")
+    return run
+
+
+def _note_checkpoints(train_dir: Path, seen: dict[str, int]) -> None:
+    """Checkpoint directories in the order they appear, with the step each holds."""
+    for state_file in sorted(train_dir.glob("checkpoint_*/train_state.json")):
+        if state_file.parent.name not in seen:
+            try:
+                seen[state_file.parent.name] = json.loads(state_file.read_text())["step"]
+            except (OSError, ValueError):
+                pass  # being written; seen on the next look
+
+
+def _committed_step(train_dir: Path) -> int:
+    """The step of the newest checkpoint Ray Train has committed (all ranks reported); a
+    directory alone may be one that rank 0 is still uploading."""
+    try:
+        snapshot = json.loads((train_dir / "checkpoint_manager_snapshot.json").read_text())
+        return snapshot["latest_checkpoint_result"]["metrics"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def test_a_submitted_run_succeeds_and_trains_on_both_nodes(two_nodes, killed_run):
+    url, job_id = two_nodes.dashboard_url, killed_run.job_id
+    status = genloop(two_nodes, "jobs", "status", job_id, "--address", url)
+    logs = genloop(two_nodes, "jobs", "logs", job_id, "--address", url).stdout
+    assert f"{job_id}: SUCCEEDED" in status.stdout, logs[-4000:]
+    assert "Ray cluster at auto" in logs and "[gen 1/1] evaluate" in logs
+    assert "genloop: finished" in logs
+    follow = killed_run.follow
+    assert follow.returncode == 0 and "genloop: finished" in follow.stdout
+    assert f"genloop: job {job_id} SUCCEEDED" in follow.stdout
+
+    table = pd.read_csv(killed_run.run_dir / "metrics.csv")
+    assert table["generation"].tolist() == [0, 1]
+    assert table["perplexity"].notna().all() and table["accuracy"].between(0, 1).all()
+
+    nodes = {n["node_id"]: n for n in state(two_nodes, "nodes")}
+    assert len(nodes) == 2
+    workers = train_workers(two_nodes, job_id)
+    first = {w["pid"] for w in killed_run.first_attempt}
+    for attempt in (
+        [w for w in workers if w["pid"] in first],
+        [w for w in workers if w["pid"] not in first],
+    ):
+        assert {w["node_id"] for w in attempt} == set(nodes), "not on both nodes"
+    for w in workers:
+        role = "head" if nodes[w["node_id"]]["is_head_node"] else "worker"
+        print(f"  RayTrainWorker pid {w['pid']:>6} on the {role} node {w['node_id'][:12]}")
+
+
+def test_a_killed_training_worker_is_replaced_and_training_resumes(two_nodes, killed_run):
+    assert killed_run.killed is not None, (
+        f"training ended before a checkpoint was committed: {killed_run.checkpoints_before}"
+    )
+    assert killed_run.status == "SUCCEEDED"
+    gen0 = killed_run.run_dir / "gen_00"
+    # The generation finished, with complete metrics.
+    train = json.loads((gen0 / "train.json").read_text())
+    assert train["step"] == GEN0_STEPS and train["final"] is True
+    assert [e["step"] for e in train["log"]] == [50, GEN0_STEPS]
+    metrics = json.loads((gen0 / "metrics.json").read_text())
+    assert {"accuracy", "perplexity", "heldout_loss", "train"} <= set(metrics)
+    assert metrics["train"]["step"] == GEN0_STEPS
+
+    # The killed worker died of it, and a new group of two took over.
+    workers = {w["pid"]: w for w in train_workers(two_nodes, killed_run.job_id)}
+    gen1 = json.loads((killed_run.run_dir / "gen_01" / "train.json").read_text())
+    gen1_workers = 0 if "skipped" in gen1 else 2  # curation may keep no sample at this size
+    assert len(workers) == 2 + 2 + gen1_workers  # first attempt, its replacement, generation 1
+    death = workers[killed_run.killed["pid"]]["death_cause"]["actor_died_error_context"]
+    assert "worker process has died" in death["error_message"]
+    # It went on from the committed checkpoint: every checkpoint written after the kill is
+    # past that step (from scratch, the first would be step CHECKPOINT_EVERY again).
+    after = sorted(killed_run.checkpoints_after.values())
+    assert after and after[0] > killed_run.killed_at_step, killed_run
+    assert after[-1] == GEN0_STEPS
+    print(f"  gen 0 checkpoints before the kill: {sorted(killed_run.checkpoints_before.values())}")
+    print(f"  gen 0 checkpoints after the kill:  {after}")
+
+
+def test_an_unknown_job_id_is_one_line(two_nodes):
+    out = genloop(
+        two_nodes, "jobs", "status", "raysubmit_nope", "--address", two_nodes.dashboard_url
+    )
+    assert out.returncode == 2
+    assert (
+        out.stderr.strip() == f"genloop: error: no job raysubmit_nope on {two_nodes.dashboard_url}"
+    )
