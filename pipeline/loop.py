@@ -425,6 +425,11 @@ def train_stage(
             shutil.copytree(init_model, tmp, dirs_exist_ok=True)
         write_json({"steps": 0, "skipped": "empty training set"}, gen.path("train.json"))
         return str(gen.path("model"))
+    if len(training_set) < cfg.train.batch_size:
+        # Fewer rows than one global batch (a filter that kept a handful): repeat them, so
+        # that every data-parallel worker gets whole batches.
+        copies = -(-cfg.train.batch_size // len(training_set))
+        training_set = pd.concat([training_set] * copies, ignore_index=True)
     first = gen.index == 0
     job = TrainJob(
         init_model=init_model,

@@ -91,3 +91,18 @@ def test_deepspeed_training_on_two_workers(ray_local, tiny_model_dir, tmp_path, 
     loss_before, _ = example_losses(before, tok, mix["prompt"], mix["response"], **args)
     loss_after, _ = example_losses(after, tok, mix["prompt"], mix["response"], **args)
     assert loss_after.mean() < loss_before.mean()
+
+
+def test_a_mix_smaller_than_one_batch_still_trains(ray_local, tiny_model_dir, tmp_path):
+    """A filter that keeps two samples must not crash two data-parallel workers."""
+    from pipeline.config import load_config
+    from pipeline.loop import Generation, train_stage
+    from pipeline.tasks import make_task
+
+    cfg = load_config(None, ["train.steps=3", "train.batch_size=8", "model.max_length=32"])
+    task = make_task(cfg.task, 0)
+    gen = Generation(tmp_path, 1)
+    tiny_mix = pd.DataFrame({"prompt": ["001+002=", "010+020="], "response": ["3000", "0300"]})
+    model = train_stage(cfg, task, gen, tiny_model_dir, tiny_mix)
+    assert (Path(model) / "model.safetensors").exists()
+    assert json.loads(gen.path("train.json").read_text())["step"] == 3
