@@ -1,6 +1,11 @@
 """`genloop`: the command line.
 
     genloop run [--config PRESET.yaml] [--run-dir DIR] [--resume] [key=value ...]
+    genloop compare --out DIR [--seeds 0,1,2] [--vary KEY=V1,V2 ...] [key=value ...]
+    genloop select --data FILE --method NAME --budget N|FRACTION --out FILE [key=value ...]
+    genloop diagnose --model A --model B --data FILE
+    genloop report RUN_DIR
+    genloop submit --address URL -- <genloop args>;  genloop jobs status|logs|stop JOB_ID
 
 A mistake a person can fix (bad config, bad data, missing file) is printed as one line per
 problem and exits with status 2, without a traceback.
