@@ -5,6 +5,8 @@
     genloop select --data FILE --method NAME --budget N|FRACTION --out FILE [key=value ...]
     genloop diagnose --model A --model B --data FILE
     genloop report RUN_DIR
+    genloop tune --config ray_configs/tune/PRESET.yaml [--resume EXPERIMENT_DIR] [key=value ...]
+    genloop bench [--out DIR] [--quick]
     genloop submit --address URL -- <genloop args>;  genloop jobs status|logs|stop JOB_ID
 
 A mistake a person can fix (bad config, bad data, missing file) is printed as one line per
@@ -95,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     from pipeline import compare
 
     compare.register(commands)
+    from pipeline import tune
+
+    tune.register(commands)
+    from pipeline import bench
+
+    bench.register(commands)
     from cluster import submit
 
     submit.register(commands)

@@ -65,9 +65,17 @@ class Generation:
 
 
 def run_loop(
-    cfg: RunConfig, run_dir: Path, progress: Progress, log_to_driver: bool = False
+    cfg: RunConfig,
+    run_dir: Path,
+    progress: Progress,
+    log_to_driver: bool = False,
+    on_generation: Callable[[dict], None] | None = None,
 ) -> pd.DataFrame:
-    """Run (or resume) every generation; returns the per-generation metrics table."""
+    """Run (or resume) every generation; returns the per-generation metrics table.
+
+    `on_generation` gets each generation's summary row (see `summary_row`) as soon as the
+    generation is evaluated, also for generations a resumed run loads from disk.
+    """
     from cluster.connect import connect
     from pipeline.inference import quiet_logs, worker_env
 
@@ -95,6 +103,8 @@ def run_loop(
             cfg, task, Generation(run_dir, index), base, model, previous, progress
         )
         rows.append(summary_row(index, metrics))
+        if on_generation is not None:
+            on_generation(rows[-1])
         previous = metrics
         if metrics.get("guard", {}).get("stopped"):
             progress.echo(f"[gen {index}] guard: stopping the loop ({metrics['guard']['reason']})")
