@@ -10,7 +10,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,embed,tune]"
+	$(BIN)/pip install -q -e ".[dev,embed,tune,mlflow]"
 	touch $@
 
 install: $(BIN)/.installed

@@ -159,7 +159,11 @@ def _reuse_generation_zero(out: Path, seed: int, run_dir: Path) -> None:
 
 
 def _skip_train_dir(directory: str, names: list[str]) -> list[str]:
-    return ["train"] if Path(directory).name == "gen_00" and "train" in names else []
+    """Leave out generation 0's Ray Train directory, and its `tracked` marker: each run sends
+    its own copy of generation 0 to its TensorBoard."""
+    if Path(directory).name == "gen_00":
+        return [name for name in names if name == "train"]
+    return [name for name in names if name == "tracked" and Path(directory).name == ".done"]
 
 
 def summarize(results: pd.DataFrame, metric: str) -> pd.DataFrame:

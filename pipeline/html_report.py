@@ -63,6 +63,9 @@ METRIC_COLUMNS = [
     ("curate.labels_spent", "labels"),
     ("curate.sample_accuracy", "sample acc"),
     ("train.step", "steps"),
+    ("mix_similarity.real_cosine", "cos real"),
+    ("mix_similarity.real_mmd", "MMD real"),
+    ("mix_similarity.previous_mmd", "MMD prev"),
 ]
 
 # One panel per entry: (title, [(column, label)]).
@@ -71,6 +74,13 @@ METRIC_PANELS = [
     ("held-out perplexity", [("perplexity", "perplexity")]),
     ("distinct-n of samples", [("distinct_1", "distinct-1"), ("distinct_2", "distinct-2")]),
     ("entropy of samples (bits)", [("char_entropy", "characters"), ("word_entropy", "words")]),
+    (
+        "training mix drift (MMD² of embeddings)",
+        [
+            ("mix_similarity.real_mmd", "vs real data"),
+            ("mix_similarity.previous_mmd", "vs previous mix"),
+        ],
+    ),
 ]
 
 
@@ -345,7 +355,7 @@ def _metrics_section(report: Report, metrics: pd.DataFrame) -> str:
         ax.grid(alpha=0.3)
         if len(lines) > 1:
             ax.legend(fontsize=8)
-    return _img(report, fig, "held-out accuracy, perplexity, distinct-n and entropy per generation")
+    return _img(report, fig, "held-out metrics, collapse signals and mix drift per generation")
 
 
 def _mix_section(report: Report, generations: dict[int, Path]) -> str:

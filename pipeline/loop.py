@@ -25,10 +25,11 @@ from pipeline.data import atomic_dir, write_json, write_parquet, write_text
 from pipeline.metrics import collapse_signals, perplexity
 from pipeline.mix import composition, mix
 from pipeline.tasks import Task, make_task
+from pipeline.tracking import Tracker
 
 # Random streams, so that every stage's randomness is fixed by (seed, stream, generation),
 # whatever ran before it: a resumed stage draws exactly what the first attempt drew.
-_CURATE_STREAM, _MIX_STREAM = 11, 12
+_CURATE_STREAM, _MIX_STREAM, _EMBED_STREAM = 11, 12, 13
 
 
 @dataclass
@@ -95,6 +96,7 @@ def run_loop(
     )
     quiet_logs()
     base = prepare_base_model(cfg, task, run_dir)
+    tracker = Tracker(cfg, run_dir)
 
     rows = []
     model, previous = base, None
@@ -103,6 +105,7 @@ def run_loop(
             cfg, task, Generation(run_dir, index), base, model, previous, progress
         )
         rows.append(summary_row(index, metrics))
+        tracker.log(rows[-1])
         if on_generation is not None:
             on_generation(rows[-1])
         previous = metrics
@@ -115,7 +118,7 @@ def run_loop(
     from pipeline.report import plot_metrics
 
     plot_metrics(table, run_dir / "metrics.png", title=f"{cfg.task.name}: {run_dir.name}")
-    _log_tensorboard(table, run_dir)
+    tracker.close()
     return table
 
 
@@ -506,6 +509,8 @@ def evaluate_stage(
     write_parquet(rows, gen.path("eval.parquet"))
     if gen.index > 0:
         metrics["tokens"] = token_diagnostics(cfg, gen)
+    if cfg.diagnostics.mix_embedding_rows > 0:
+        metrics["mix_similarity"] = mix_similarity(cfg, gen)
     metrics["attempt"] = attempt
     metrics["guard"] = guard_verdict(cfg, task, previous, metrics)
     write_json(metrics, gen.path("metrics.json"))
@@ -513,21 +518,80 @@ def evaluate_stage(
 
 
 def token_diagnostics(cfg: RunConfig, gen: Generation) -> dict:
-    """Adaptation Odyssey's analysis: where on held-out tokens did the loss change?"""
+    """Adaptation Odyssey's analysis: where on held-out tokens did the loss change, since the
+    previous generation (`diagnostics.parquet`) and since generation 0
+    (`diagnostics_vs_gen0.parquet`)?"""
     from pipeline.diagnostics import diagnose_generation
 
-    diagnosis = diagnose_generation(
-        Generation(gen.root, gen.index - 1).dir,
-        gen.dir,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    def against(reference: int):
+        return diagnose_generation(
+            Generation(gen.root, reference).dir,
+            gen.dir,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+
+    diagnosis = against(gen.index - 1)
     write_parquet(diagnosis.categories, gen.path("diagnostics.parquet"))
     categories = diagnosis.categories.set_index("category")
-    return {
+    result = {
         "mean_delta": categories["mean_delta"].to_dict(),
         "share_of_increase": categories["share_of_increase"].to_dict(),
         "top_risers": diagnosis.risers[["token", "delta_sum"]].to_dict("records"),
     }
+    if gen.index > 1:
+        since_start = against(0)
+        write_parquet(since_start.categories, gen.path("diagnostics_vs_gen0.parquet"))
+        result["mean_delta_vs_gen0"] = since_start.categories.set_index("category")[
+            "mean_delta"
+        ].to_dict()
+    return result
+
+
+def mix_similarity(cfg: RunConfig, gen: Generation) -> dict:
+    """How far this generation's training mix has drifted from the real data (generation 0's
+    mix) and from the previous generation's mix: mean-embedding cosine and MMD^2 (Gaussian
+    kernel, bandwidth fixed by the median heuristic on the real data so generations compare).
+
+    A sample of `diagnostics.mix_embedding_rows` rows per mix is embedded once and kept in
+    `gen_XX/mix_embeddings.parquet`.
+    """
+    from pipeline.diagnostics import embedding_mmd, mean_embedding_cosine, median_bandwidth
+
+    current = _mix_embeddings(cfg, gen)
+    if gen.index == 0:
+        return {"rows": len(current)}  # the real data itself: the reference for later mixes
+    real = _mix_embeddings(cfg, Generation(gen.root, 0))
+    bandwidth = median_bandwidth(real, real)
+    similarity = {
+        "rows": len(current),
+        "real_cosine": mean_embedding_cosine(current, real),
+        "real_mmd": embedding_mmd(current, real, bandwidth=bandwidth),
+    }
+    previous = _mix_embeddings(cfg, Generation(gen.root, gen.index - 1))
+    similarity["previous_cosine"] = mean_embedding_cosine(current, previous)
+    similarity["previous_mmd"] = embedding_mmd(current, previous, bandwidth=bandwidth)
+    return similarity
+
+
+def _mix_embeddings(cfg: RunConfig, gen: Generation) -> np.ndarray:
+    path = gen.path("mix_embeddings.parquet")
+    if path.exists():
+        return np.stack(pd.read_parquet(path)["embedding"].to_numpy())
+    from pipeline.embed import embed_texts
+
+    frame = _read_mix(gen)
+    rng = np.random.default_rng([cfg.seed, _EMBED_STREAM, gen.index])
+    rows = np.sort(
+        rng.choice(len(frame), min(len(frame), cfg.diagnostics.mix_embedding_rows), replace=False)
+    )
+    sample = frame.iloc[rows]
+    texts = (sample["prompt"].fillna("") + sample["response"].fillna("")).tolist()
+    embeddings = embed_texts(texts, model=cfg.diagnostics.embedding_model, workers=1)
+    write_parquet(
+        pd.DataFrame({"row": rows, "embedding": list(embeddings), "source": sample["source"]}),
+        path,
+    )
+    return embeddings
 
 
 def prepare_base_model(cfg: RunConfig, task: Task, run_dir: Path) -> str:
@@ -545,19 +609,6 @@ def prepare_base_model(cfg: RunConfig, task: Task, run_dir: Path) -> str:
         with atomic_dir(target) as tmp:
             save_model(model, tokenizer, tmp)
     return str(target)
-
-
-def _log_tensorboard(table: pd.DataFrame, run_dir: Path) -> None:
-    """Per-generation scalars as TensorBoard events in RUN_DIR/tensorboard."""
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        return
-    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
-        for row in table.to_dict("records"):
-            for key, value in row.items():
-                if key != "generation" and isinstance(value, (int, float)) and value == value:
-                    writer.add_scalar(key, value, global_step=int(row["generation"]))
 
 
 def summary_row(generation: int, metrics: dict) -> dict:
@@ -585,6 +636,9 @@ def summary_row(generation: int, metrics: dict) -> dict:
         "word_entropy": metrics["word_entropy"],
         "vocabulary": metrics["vocabulary"],
         "train_steps": metrics.get("train", {}).get("step", 0),
+        "mix_real_cosine": metrics.get("mix_similarity", {}).get("real_cosine", float("nan")),
+        "mix_real_mmd": metrics.get("mix_similarity", {}).get("real_mmd", float("nan")),
+        "mix_previous_mmd": metrics.get("mix_similarity", {}).get("previous_mmd", float("nan")),
         "guard_worse": bool(metrics.get("guard", {}).get("worse", False)),
         "attempt": metrics.get("attempt", 0),
     }

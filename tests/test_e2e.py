@@ -29,6 +29,7 @@ TINY = [
     "train.lr=3e-3",
     "generate.batch_size=64",
     "eval.batch_size=40",
+    "diagnostics.mix_embedding_rows=32",
 ]
 STAGES = ["generate", "score", "curate", "select", "mix", "train", "evaluate"]
 
@@ -77,6 +78,12 @@ def test_two_generations_then_resume_for_a_third(tmp_path, capsys, monkeypatch):
     assert table.loc[1, "synthetic"] == len(selected)
     metrics = json.loads((run_dir / "gen_01" / "metrics.json").read_text())
     assert metrics["curate"]["kept"] + metrics["curate"]["dropped"] == 48 * 4
+    # The mix's drift from the real data, from 32 embedded rows per mix.
+    assert metrics["mix_similarity"]["rows"] == 32
+    assert -1 <= metrics["mix_similarity"]["real_cosine"] <= 1
+    assert table["mix_real_mmd"].iloc[1:].notna().all()
+    gen2 = json.loads((run_dir / "gen_02" / "metrics.json").read_text())
+    assert set(gen2["tokens"]["mean_delta_vs_gen0"]) == set(gen2["tokens"]["mean_delta"])
 
     before = _markers(run_dir)
     assert main(["run", "--run-dir", "run", "--resume", "loop.generations=3"]) == 0
@@ -102,6 +109,7 @@ PAIRS = [
     "generate.batch_size=24",
     "eval.batch_size=30",
     "model.max_length=64",
+    "diagnostics.mix_embedding_rows=16",
 ]
 
 

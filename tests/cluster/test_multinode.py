@@ -50,6 +50,7 @@ TINY = [
     "train.lr=3e-3",
     "generate.batch_size=64",
     "eval.batch_size=40",
+    "diagnostics.mix_embedding_rows=0",
 ]
 ONE_PER_STAGE = ["train.workers=2", "generate.workers=1", "score.workers=1", "eval.workers=1"]
 GEN0_STEPS, CHECKPOINT_EVERY = 60, 10  # room to kill a worker between two checkpoints

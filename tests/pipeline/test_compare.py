@@ -54,6 +54,7 @@ TINY = [
     "train.batch_size=16",
     "train.lr=3e-3",
     "curate.label_budget=4",
+    "diagnostics.mix_embedding_rows=0",
 ]
 
 

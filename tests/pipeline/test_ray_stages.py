@@ -106,3 +106,27 @@ def test_a_mix_smaller_than_one_batch_still_trains(ray_local, tiny_model_dir, tm
     model = train_stage(cfg, task, gen, tiny_model_dir, tiny_mix)
     assert (Path(model) / "model.safetensors").exists()
     assert json.loads(gen.path("train.json").read_text())["step"] == 3
+
+
+def test_mix_similarity_sees_a_mix_drift_from_the_real_data(ray_local, tmp_path):
+    """Generation 0's mix is the real data; a mix of the same kind of text stays close to it,
+    a mix of different text moves away (higher MMD, lower centroid cosine)."""
+    from pipeline.config import load_config
+    from pipeline.loop import Generation, mix_similarity
+
+    cfg = load_config(None, ["diagnostics.mix_embedding_rows=24"])
+    sums = [(f"{i:03d}+{3 * i:03d}=", str(4 * i).zfill(4)[::-1]) for i in range(40)]
+    words = [("", f"the {w} of the king and queen, my lord") for w in ("love", "war") * 20]
+    for index, rows in enumerate([sums[:24], sums[16:40], words[:24]]):
+        frame = pd.DataFrame(rows, columns=["prompt", "response"]).assign(source="synthetic")
+        write_parquet(frame, Generation(tmp_path, index).path("mix.parquet"))
+
+    assert mix_similarity(cfg, Generation(tmp_path, 0)) == {"rows": 24}
+    close = mix_similarity(cfg, Generation(tmp_path, 1))
+    far = mix_similarity(cfg, Generation(tmp_path, 2))
+    assert close["real_cosine"] > far["real_cosine"]
+    assert far["real_mmd"] > 5 * max(close["real_mmd"], 0.01)
+    assert far["previous_mmd"] > 5 * max(close["previous_mmd"], 0.01)
+    cached = pd.read_parquet(Generation(tmp_path, 2).path("mix_embeddings.parquet"))
+    assert len(cached) == 24 and len(cached["embedding"].iloc[0]) == 384
+    assert mix_similarity(cfg, Generation(tmp_path, 2)) == far  # from the cached embeddings
