@@ -111,11 +111,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
+    from pipeline.storage import RemoteRun, is_uri
 
+    # A storage URI (s3://..., gs://..., file:///...) is mirrored locally; see pipeline/storage.
+    remote = RemoteRun(args.run_dir) if args.run_dir and is_uri(args.run_dir) else None
     if args.resume:
         if not args.run_dir:
             raise UsageError("--resume needs --run-dir DIR (the run to continue)")
-        run_dir = Path(args.run_dir)
+        if remote is not None:
+            remote.pull()
+        run_dir = remote.local if remote is not None else Path(args.run_dir)
         saved = run_dir / "config.yaml"
         if not saved.is_file():
             raise UsageError(f"{run_dir}: no config.yaml here, so no run to resume")
@@ -132,9 +137,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.task.name}")
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if (
+            remote.holds_a_run()
+            if remote is not None
+            else run_dir.exists() and any(run_dir.iterdir())
+        ):
             raise UsageError(
-                f"{run_dir} already holds a run; continue it with --resume "
+                f"{args.run_dir or run_dir} already holds a run; continue it with --resume "
                 "or choose another --run-dir"
             )
     # Validate user data before Ray starts: a bad file should cost a second, not a minute.
@@ -157,20 +166,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"curate={cfg.curate.strategy}, mix {cfg.mix.mode} real_fraction={cfg.mix.real_fraction}",
         flush=True,
     )
-    print(f"genloop: run directory {run_dir}", flush=True)
+    where = args.run_dir if remote is not None else run_dir.resolve()
+    print(f"genloop: run directory {where}", flush=True)
     progress = Progress(cfg.loop.generations, echo=lambda line: print(line, flush=True))
     try:
-        table = run_loop(cfg, run_dir, progress, log_to_driver=args.verbose)
+        table = run_loop(cfg, remote or run_dir, progress, log_to_driver=args.verbose)
     finally:
         import ray
 
         ray.shutdown()
     print()
     print(format_table(table))
-    print(
-        f"\ngenloop: finished in {time.perf_counter() - started:.0f}s; "
-        f"run directory {run_dir.resolve()}"
-    )
+    print(f"\ngenloop: finished in {time.perf_counter() - started:.0f}s; run directory {where}")
     return 0
 
 

@@ -24,6 +24,7 @@ from pipeline.curate import curate
 from pipeline.data import atomic_dir, write_json, write_parquet, write_text
 from pipeline.metrics import collapse_signals, perplexity
 from pipeline.mix import composition, mix
+from pipeline.storage import RemoteRun, is_uri, localize
 from pipeline.tasks import Task, make_task
 from pipeline.tracking import Tracker
 
@@ -50,6 +51,7 @@ class Generation:
 
     root: Path
     index: int
+    remote: RemoteRun | None = None  # a run at a URI: `root` is its local mirror
 
     @property
     def dir(self) -> Path:
@@ -63,11 +65,20 @@ class Generation:
 
     def mark(self, stage: str) -> None:
         write_text(f"{time.time()}\n", self.dir / ".done" / stage)
+        if self.remote is not None:
+            self.remote.push()
+
+    def ref(self, name: str | None = None) -> str:
+        """How Ray workers find an artefact of this generation (or, without a name, the
+        generation's directory): its path, or for a remote run its URI (workers on other
+        nodes cannot see the driver's mirror)."""
+        path = self.dir if name is None else self.path(name)
+        return self.remote.uri_of(path) if self.remote is not None else str(path)
 
 
 def run_loop(
     cfg: RunConfig,
-    run_dir: Path,
+    run_dir: str | Path | RemoteRun,
     progress: Progress,
     log_to_driver: bool = False,
     on_generation: Callable[[dict], None] | None = None,
@@ -76,12 +87,19 @@ def run_loop(
 
     `on_generation` gets each generation's summary row (see `summary_row`) as soon as the
     generation is evaluated, also for generations a resumed run loads from disk.
+    `run_dir` may be a storage URI (see `pipeline.storage`): the loop then works in a local
+    mirror and pushes every finished stage to the URI.
     """
     from cluster.connect import connect
     from pipeline.inference import quiet_logs, worker_env
 
+    remote = run_dir if isinstance(run_dir, RemoteRun) else None
+    if remote is None and is_uri(run_dir):
+        remote = RemoteRun(str(run_dir))
+    if remote is not None and not remote.pulled:
+        remote.pull()
     # Ray workers do not share the driver's working directory: every path they get is absolute.
-    run_dir = Path(run_dir).resolve()
+    run_dir = (remote.local if remote is not None else Path(run_dir)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(run_dir)
     write_text(dump_yaml(cfg), run_dir / "config.yaml")
@@ -96,13 +114,17 @@ def run_loop(
     )
     quiet_logs()
     base = prepare_base_model(cfg, task, run_dir)
+    if remote is not None:
+        remote.push()
+        if Path(base).is_relative_to(run_dir):
+            base = remote.uri_of(base)
     tracker = Tracker(cfg, run_dir)
 
     rows = []
     model, previous = base, None
     for index in range(cfg.loop.generations + 1):
         model, metrics = run_generation(
-            cfg, task, Generation(run_dir, index), base, model, previous, progress
+            cfg, task, Generation(run_dir, index, remote), base, model, previous, progress
         )
         rows.append(summary_row(index, metrics))
         tracker.log(rows[-1])
@@ -117,8 +139,11 @@ def run_loop(
     write_text(table.to_csv(index=False), run_dir / "metrics.csv")
     from pipeline.report import plot_metrics
 
-    plot_metrics(table, run_dir / "metrics.png", title=f"{cfg.task.name}: {run_dir.name}")
+    name = remote.uri.rpartition("/")[2] if remote is not None else run_dir.name
+    plot_metrics(table, run_dir / "metrics.png", title=f"{cfg.task.name}: {name}")
     tracker.close()
+    if remote is not None:
+        remote.push()
     return table
 
 
@@ -180,7 +205,7 @@ def run_generation(
             "train",
             progress,
             lambda: train_stage(cfg, task, gen, init, _read_mix(gen)),
-            load=lambda: str(gen.path("model")),
+            load=lambda: gen.ref("model"),
             describe=_describe_train(gen),
         )
         metrics = _stage(
@@ -232,21 +257,30 @@ def guard_verdict(cfg: RunConfig, task: Task, previous: dict | None, metrics: di
 
 def _set_aside(gen: Generation, attempt: int) -> None:
     """Move a rejected attempt's mix, model and evaluation out of the way (kept for study)."""
-    target = gen.path(f"attempt_{attempt}")
-    target.mkdir()
-    for name in (
+    stages = ("mix", "train", "evaluate")
+    names = (
         "mix.parquet",
+        "mix_embeddings.parquet",
         "model",
         "train",
         "train.json",
         "eval.parquet",
         "metrics.json",
         "diagnostics.parquet",
-    ):
+        "diagnostics_vs_gen0.parquet",
+    )
+    if gen.remote is not None:  # markers first: the URI must never show a stage half gone
+        for path in [gen.dir / ".done" / stage for stage in stages] + [gen.path(n) for n in names]:
+            gen.remote.delete(path)
+    target = gen.path(f"attempt_{attempt}")
+    target.mkdir()
+    for stage in stages:
+        (gen.dir / ".done" / stage).unlink(missing_ok=True)
+    for name in names:
         if gen.path(name).exists():
             shutil.move(str(gen.path(name)), str(target / name))
-    for stage in ("mix", "train", "evaluate"):
-        (gen.dir / ".done" / stage).unlink(missing_ok=True)
+    if gen.remote is not None:
+        gen.remote.push()
 
 
 def curate_samples_stage(
@@ -435,9 +469,9 @@ def train_stage(
     if len(training_set) == 0:
         # Curation kept nothing and no real data is mixed in: the model carries over.
         with atomic_dir(gen.path("model")) as tmp:
-            shutil.copytree(init_model, tmp, dirs_exist_ok=True)
+            shutil.copytree(localize(init_model), tmp, dirs_exist_ok=True)
         write_json({"steps": 0, "skipped": "empty training set"}, gen.path("train.json"))
-        return str(gen.path("model"))
+        return gen.ref("model")
     if len(training_set) < cfg.train.batch_size:
         # Fewer rows than one global batch (a filter that kept a handful): repeat them, so
         # that every data-parallel worker gets whole batches.
@@ -458,11 +492,11 @@ def train_stage(
         job.validation_answers = task.validation["response"].tolist()
         job.target_accuracy = cfg.loop.gen0_target_accuracy
         job.eval_every = cfg.loop.gen0_eval_every
-    checkpoint, state = train_generation(job, training_set, str(gen.dir), cfg.train, worker_env())
+    # Ray Train keeps its checkpoints in gen_XX/train, at the run's URI for a remote run.
     with atomic_dir(gen.path("model")) as tmp:
-        shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
+        state = train_generation(job, training_set, gen.ref(), cfg.train, worker_env(), tmp)
     write_json(state, gen.path("train.json"))
-    return str(gen.path("model"))
+    return gen.ref("model")
 
 
 def evaluate_stage(

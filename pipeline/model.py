@@ -76,7 +76,11 @@ def load_model(
     device: str = "cpu",
     dtype: torch.dtype | None = None,
 ):
-    """(model, tokenizer) from a local HF directory or a hub id, in eval mode."""
+    """(model, tokenizer) from a local HF directory, a storage URI (copied to this machine's
+    cache once, see `pipeline.storage`) or a hub id, in eval mode."""
+    from pipeline.storage import localize
+
+    path = localize(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

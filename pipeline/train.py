@@ -22,6 +22,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.config import TrainConfig
+from pipeline.storage import filesystem, is_uri, localize
 
 TRAIN_STATE = "train_state.json"
 
@@ -119,21 +120,23 @@ def train_generation(
     storage_dir: str,
     cfg: TrainConfig,
     env: dict[str, str],
-) -> tuple[str, dict]:
-    """Fit one generation on `data` (a Parquet path, or rows already in memory).
-
-    Returns (checkpoint directory, training metrics)."""
+    model_dir: str | Path,
+) -> dict:
+    """Fit one generation on `data` (a Parquet path, or rows already in memory); Ray Train
+    keeps its checkpoints under `storage_dir`/train (a path, or a storage URI). The final
+    model is copied into `model_dir`. Returns the training metrics."""
     if isinstance(data, pd.DataFrame):
         # Rows in memory go straight into the object store: no read tasks to schedule.
         dataset = ray.data.from_pandas(data[["prompt", "response"]].reset_index(drop=True))
     else:
         dataset = ray.data.read_parquet(data, columns=["prompt", "response"]).materialize()
+    storage = storage_dir if is_uri(storage_dir) else str(Path(storage_dir).resolve())
     loop_config = {
         "job": asdict(job),
         "ds_config": deepspeed_config(cfg, job.steps),
         "checkpoint_every": cfg.checkpoint_every,
         "env": env,
-        "resume_from": _latest_checkpoint(Path(storage_dir) / "train"),
+        "resume_from": latest_checkpoint(f"{storage.rstrip('/')}/train"),
     }
     trainer = TorchTrainer(
         _train_loop,
@@ -146,7 +149,7 @@ def train_generation(
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
             name="train",
-            storage_path=str(Path(storage_dir).resolve()),
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -154,16 +157,30 @@ def train_generation(
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint (see {storage_dir}/train)")
-    path = result.checkpoint.path
-    metrics = json.loads((Path(path) / TRAIN_STATE).read_text())
-    return path, metrics
+        raise RuntimeError(f"training finished without a checkpoint (see {storage}/train)")
+    result.checkpoint.to_directory(str(model_dir))
+    return json.loads((Path(model_dir) / TRAIN_STATE).read_text())
 
 
-def _latest_checkpoint(train_dir: Path) -> str | None:
-    """The newest checkpoint a killed driver's earlier attempt left behind, if any."""
-    found = sorted(train_dir.glob("checkpoint_*/" + TRAIN_STATE), key=lambda p: p.stat().st_mtime)
-    return str(found[-1].parent) if found else None
+def latest_checkpoint(train_dir: str) -> str | None:
+    """The newest checkpoint (path or URI) an earlier attempt of this generation left in
+    `train_dir` (a path or a URI), if any: a killed driver's run continues from it."""
+    import pyarrow.fs as pafs
+
+    if is_uri(train_dir):
+        fs, root = filesystem(train_dir)
+    else:
+        fs, root = pafs.LocalFileSystem(), str(Path(train_dir).resolve())
+    selector = pafs.FileSelector(root, recursive=False, allow_not_found=True)
+    found = []
+    for info in fs.get_file_info(selector):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            state = fs.get_file_info(f"{info.path}/{TRAIN_STATE}")
+            if state.type == pafs.FileType.File:
+                found.append((state.mtime_ns or 0, info.base_name))
+    if not found:
+        return None
+    return f"{train_dir.rstrip('/')}/{max(found)[1]}"
 
 
 # --------------------------------------------------------------------------- worker side
@@ -192,7 +209,7 @@ def _train_loop(config: dict) -> None:
     if checkpoint is not None:
         resume_dir = checkpoint.to_directory()
     elif config["resume_from"]:
-        resume_dir = config["resume_from"]
+        resume_dir = localize(config["resume_from"])
     if resume_dir:
         start_dir = resume_dir
         state = json.loads((Path(resume_dir) / TRAIN_STATE).read_text())

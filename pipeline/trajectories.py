@@ -231,8 +231,9 @@ def loss_trajectories(
             trust_remote_code=trust,
         )
         started = time.perf_counter()
-        model, state = train_generation(
-            job, frame, str(segment), cfg, env if env is not None else worker_env()
+        model = str(Path(segment) / "model")
+        state = train_generation(
+            job, frame, str(segment), cfg, env if env is not None else worker_env(), model
         )
         trained = time.perf_counter() - started
         started = time.perf_counter()

@@ -31,7 +31,7 @@ TINY = [
     "eval.batch_size=40",
     "diagnostics.mix_embedding_rows=32",
 ]
-STAGES = ["generate", "score", "curate", "select", "mix", "train", "evaluate"]
+STAGES = ["generate", "score", "curate", "select", "mix", "train", "evaluate", "tracked"]
 
 
 def _markers(run_dir: Path) -> dict[str, float]:
@@ -157,3 +157,33 @@ def test_a_killed_driver_resumes_without_recomputing(tmp_path, gsm8k, tiny_model
     assert not list(run_dir.rglob(".*.tmp"))
     scored = pd.read_parquet(run_dir / "gen_02" / "curated_samples.parquet")
     assert len(scored) == 24 * 2 and scored["response"].str.len().max() > 0
+
+
+@pytest.mark.slow
+def test_a_run_at_a_storage_uri_resumes_on_another_machine(tmp_path, capsys, monkeypatch):
+    """`--run-dir` as a URI (file:// here; s3:// or gs:// the same way through pyarrow): every
+    stage lands at the URI, Ray Train checkpoints included, and a second machine (a fresh
+    cache, so no local mirror) resumes from the URI alone without redoing anything."""
+    bucket = tmp_path / "bucket"
+    uri = (bucket / "run").as_uri()
+    monkeypatch.setenv("GENLOOP_CACHE", str(tmp_path / "machine_a"))
+    argv = ["run", "--run-dir", uri, "loop.generations=1", "curate=none", *TINY]
+    assert main(argv) == 0
+    assert uri in capsys.readouterr().out
+    run = bucket / "run"
+    assert sorted(p.name for p in (run / "gen_01" / ".done").iterdir()) == sorted(
+        set(STAGES) - {"select"}
+    )
+    assert (run / "gen_01" / "model" / "model.safetensors").exists()
+    assert list((run / "gen_01" / "train").glob("checkpoint_*/train_state.json"))
+    assert pd.read_csv(run / "metrics.csv")["generation"].tolist() == [0, 1]
+    before = _markers(run)
+
+    monkeypatch.setenv("GENLOOP_CACHE", str(tmp_path / "machine_b"))
+    assert main(["run", "--run-dir", uri, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(done earlier)") == 3 + 6  # gen 0: mix, train, evaluate; gen 1: six
+    assert _markers(run) == before  # nothing redone, nothing re-sent
+    assert (tmp_path / "machine_b" / "mirrors").is_dir()
+    assert main(["run", "--run-dir", uri, *TINY]) == 2  # a new run may not overwrite it
+    assert "already holds a run" in capsys.readouterr().err

@@ -78,8 +78,9 @@ def test_deepspeed_training_on_two_workers(ray_local, tiny_model_dir, tmp_path, 
     )
     cfg.deepspeed.zero_stage = zero_stage
     job = TrainJob(init_model=tiny_model_dir, steps=12, seed=0, max_length=32, add_eos=True)
-    checkpoint, state = train_generation(
-        job, str(tmp_path / "mix.parquet"), str(tmp_path), cfg, worker_env()
+    checkpoint = tmp_path / "model"
+    state = train_generation(
+        job, str(tmp_path / "mix.parquet"), str(tmp_path), cfg, worker_env(), checkpoint
     )
     assert state["step"] == 12 and state["final"]
     assert json.loads((Path(checkpoint) / TRAIN_STATE).read_text())["step"] == 12
