@@ -134,6 +134,7 @@ def build_report(run_dir: Path) -> Report:
         ("table", "Metrics table", lambda: _table_section(metrics)),
         ("mix", "Training-mix composition", lambda: _mix_section(report, generations)),
         ("curation", "Curation funnel", lambda: _curation_section(report, generations)),
+        ("guard", "Adaptation guard", lambda: _guard_section(report, generations)),
         ("tokens", "Token-category loss deltas", lambda: _tokens_section(report, generations)),
         ("selection", "Selection clusters", lambda: _selection_section(report, generations)),
         ("config", "Resolved config", lambda: _config_section(config)),
@@ -412,6 +413,46 @@ def _curation_section(report: Report, generations: dict[int, Path]) -> str | Non
         a.legend(fontsize=8)
         a.grid(alpha=0.3, axis="y")
     return _img(report, fig, "curation funnel per generation") + _html_table(funnel)
+
+
+def guard_events(report: Report, generations: dict[int, Path]) -> pd.DataFrame:
+    """Every attempt the guard judged: rejected ones set aside in gen_XX/attempt_K/, and the
+    kept one; one row each with the metric before and after and what was done."""
+    rows = []
+    for index, directory in generations.items():
+        attempts = sorted(directory.glob("attempt_*/metrics.json"))
+        for path in [*attempts, directory / "metrics.json"]:
+            metrics = _read(report, path, lambda p: json.loads(p.read_text()))
+            verdict = metrics.get("guard") if isinstance(metrics, dict) else None
+            if not verdict or verdict.get("before") is None:
+                continue
+            rejected = path.parent != directory
+            rows.append(
+                {
+                    "generation": index,
+                    "attempt": metrics.get("attempt", 0),
+                    "real": metrics.get("mix", {}).get("real", 0),
+                    "metric": verdict.get("metric"),
+                    "before": verdict.get("before"),
+                    "after": verdict.get("after"),
+                    "outcome": "set aside, redone"
+                    if rejected
+                    else ("kept, flagged" if verdict.get("worse") else "kept"),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _guard_section(report: Report, generations: dict[int, Path]) -> str | None:
+    events = guard_events(report, generations)
+    if events.empty or not (events["outcome"] != "kept").any():
+        return None  # nothing the guard objected to: no section
+    intro = _p(
+        "Generations that made held-out data worse than the previous one by more than "
+        "<code>guard.tolerance</code>. A generation set aside was redone with more real data "
+        "(its files are kept in <code>gen_XX/attempt_K/</code>)."
+    )
+    return intro + _html_table(events)
 
 
 def _tokens_section(report: Report, generations: dict[int, Path]) -> str | None:

@@ -76,3 +76,22 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
         raise RuntimeError("crash")
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Temporary files are private (0600); the artefacts must not stay that way, or other
+    users and web servers of a shared run directory cannot read them."""
+    import os
+    import stat
+
+    from pipeline.data import atomic_dir, write_text
+
+    mask = os.umask(0o022)
+    try:
+        write_text("x", tmp_path / "a.txt")
+        with atomic_dir(tmp_path / "model") as directory:
+            (directory / "w").write_text("w")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755

@@ -186,3 +186,24 @@ def test_report_bad_run_dir_exits_2(tmp_path, capsys):
     assert main(["report", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "not a genloop run directory" in err and "Traceback" not in err
+
+
+def test_report_shows_what_the_guard_set_aside(run_dir):
+    from pipeline.html_report import guard_events
+
+    gen1 = run_dir / "gen_01"
+    kept = json.loads((gen1 / "metrics.json").read_text())
+    kept |= {"attempt": 1, "guard": {"metric": "perplexity", "before": 1.5, "after": 1.2}}
+    (gen1 / "metrics.json").write_text(json.dumps(kept))
+    (gen1 / "attempt_0").mkdir()
+    rejected = _metrics(1, 0.4, 1.9, {"real": 0, "synthetic": 8, "labeled": 0}, attempt=0)
+    rejected["guard"] = {"metric": "perplexity", "before": 1.5, "after": 1.9, "worse": True}
+    (gen1 / "attempt_0" / "metrics.json").write_text(json.dumps(rejected))
+
+    report = build_report(run_dir)
+    events = guard_events(report, {1: gen1})
+    assert events[["attempt", "after", "outcome"]].values.tolist() == [
+        [0, 1.9, "set aside, redone"],
+        [1, 1.2, "kept"],
+    ]
+    assert any(section.anchor == "guard" for section in report.sections)
