@@ -592,8 +592,10 @@ def mix_similarity(cfg: RunConfig, gen: Generation) -> dict:
     from pipeline.diagnostics import embedding_mmd, mean_embedding_cosine, median_bandwidth
 
     current = _mix_embeddings(cfg, gen)
-    if gen.index == 0:
-        return {"rows": len(current)}  # the real data itself: the reference for later mixes
+    if gen.index == 0 or len(current) < 2:
+        # Generation 0's mix is the real data itself, the reference for later mixes; a mix of
+        # one row (a filter that kept almost nothing) has no distribution to compare.
+        return {"rows": len(current)}
     real = _mix_embeddings(cfg, Generation(gen.root, 0))
     bandwidth = median_bandwidth(real, real)
     similarity = {
@@ -602,8 +604,9 @@ def mix_similarity(cfg: RunConfig, gen: Generation) -> dict:
         "real_mmd": embedding_mmd(current, real, bandwidth=bandwidth),
     }
     previous = _mix_embeddings(cfg, Generation(gen.root, gen.index - 1))
-    similarity["previous_cosine"] = mean_embedding_cosine(current, previous)
-    similarity["previous_mmd"] = embedding_mmd(current, previous, bandwidth=bandwidth)
+    if len(previous) >= 2:
+        similarity["previous_cosine"] = mean_embedding_cosine(current, previous)
+        similarity["previous_mmd"] = embedding_mmd(current, previous, bandwidth=bandwidth)
     return similarity
 
 
@@ -614,6 +617,8 @@ def _mix_embeddings(cfg: RunConfig, gen: Generation) -> np.ndarray:
     from pipeline.embed import embed_texts
 
     frame = _read_mix(gen)
+    if len(frame) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
     rng = np.random.default_rng([cfg.seed, _EMBED_STREAM, gen.index])
     rows = np.sort(
         rng.choice(len(frame), min(len(frame), cfg.diagnostics.mix_embedding_rows), replace=False)

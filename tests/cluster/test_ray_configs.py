@@ -34,6 +34,7 @@ def test_every_file_is_covered():
     """A new file in ray_configs/ needs a check here (or in tests/pipeline/test_config.py)."""
     covered = {
         *CONFIGS.glob("*.yaml"),  # run presets: tests/pipeline/test_config.py and below
+        *(CONFIGS / "tune").glob("*.yaml"),  # tests/pipeline/test_tune.py
         *DEEPSPEED,
         *KUBERAY,
         *LAUNCHER,
