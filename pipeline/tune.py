@@ -591,6 +591,11 @@ def _trial(config: dict, *, base: dict, runs_dir: str, gen0_dir: str | None) -> 
     from pipeline.loop import Progress, run_loop
 
     cfg = resolve_config(RunConfig(), {**_flatten(base), **config})
+    # MLflow gets the trials through Ray Tune's MLflowLoggerCallback (one MLflow run per
+    # trial, with its searched values), not a second time from inside the loop.
+    cfg = dataclasses.replace(
+        cfg, diagnostics=dataclasses.replace(cfg.diagnostics, mlflow_uri=None)
+    )
     run_dir = Path(runs_dir) / tune.get_context().get_trial_id()
     if gen0_dir:
         copy_generation_zero(Path(gen0_dir), run_dir)
@@ -813,7 +818,17 @@ def run_search(
                 gen0_dir=gen0_dir,
             )
         )
-        echo = _echo_callback(search)
+        callbacks = [_echo_callback(search)]
+        if search.base.diagnostics.mlflow_uri:
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+            callbacks.append(
+                MLflowLoggerCallback(
+                    tracking_uri=search.base.diagnostics.mlflow_uri,
+                    experiment_name=search.base.diagnostics.mlflow_experiment,
+                    save_artifact=False,
+                )
+            )
         if resume:
             tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
         else:
@@ -824,7 +839,7 @@ def run_search(
                 run_config=tune.RunConfig(
                     name=_name(experiment),
                     storage_path=_parent(experiment),
-                    callbacks=[echo],
+                    callbacks=callbacks,
                     verbose=1 if verbose else 0,
                 ),
             )
