@@ -6,8 +6,8 @@
 
 A generation is sent once: `gen_XX/.done/tracked` marks it, so a resumed run does not send
 the generations it loads from disk again, and it continues the same MLflow run (its id is kept
-in RUN_DIR/mlflow_run_id). `genloop tune` sends its trials through Ray Tune's own
-`TBXLoggerCallback` / `MLflowLoggerCallback` instead.
+in RUN_DIR/mlflow_run_id). Under `genloop tune` each trial keeps its own TensorBoard events,
+and MLflow gets the trials through Ray Tune's `MLflowLoggerCallback` instead.
 """
 
 from __future__ import annotations
