@@ -6,7 +6,7 @@
     genloop diagnose --model A --model B --data FILE
     genloop report RUN_DIR
     genloop tune --config ray_configs/tune/PRESET.yaml [--resume EXPERIMENT_DIR] [key=value ...]
-    genloop bench [--out DIR] [--quick]
+    genloop bench [--out DIR] [--quick] [--only NAME,...] [--repeats N] [key=value ...]
     genloop submit --address URL -- <genloop args>;  genloop jobs status|logs|stop JOB_ID
 
 A mistake a person can fix (bad config, bad data, missing file) is printed as one line per

@@ -1,0 +1,197 @@
+"""Timing probes for `genloop bench`: genloop's own actors and train loop, timed from inside.
+
+The benchmarks time genloop's real code paths. From the driver only the whole call can be
+seen, so these probes report what happens inside the Ray workers: when an actor was built
+(model loaded) and when each batch started and ended, and the step-loop time a training
+worker measures itself. Each is a thin subclass (or wrapper) that adds the timing and changes
+nothing else.
+
+Records travel through files: every process appends JSON lines to
+`$GENLOOP_BENCH_PROBES/<pid>.jsonl` (the bench sets the variable in the local Ray's runtime
+env); the driver reads the records whose times fall inside a call. Without the variable the
+probes record nothing, so they are harmless anywhere else.
+"""
+
+from __future__ import annotations
+
+import time
+
+# In a Ray worker this module is imported when the actor class arrives; what genloop's actor
+# modules import (torch, transformers, pandas) is part of that actor's start-up.
+_IMPORTS_STARTED = time.time()
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from pipeline import embed, inference  # noqa: E402
+
+_IMPORTS_ENDED = time.time()
+PROBE_DIR_ENV = "GENLOOP_BENCH_PROBES"
+
+# What the training workers print at the end of their step loop (pipeline/train.py).
+_TRAIN_LINE = re.compile(
+    r"\[train\] (?P<steps>\d+) steps, (?P<tokens>\d+) tokens in (?P<elapsed>[\d.]+)s "
+    r"\((?P<rate>[\d,]+) tokens/s\)"
+)
+# The untimed train loop, while `installed()` has swapped it out in this process.
+_UNTIMED: dict = {}
+
+
+def record(kind: str, **fields) -> None:
+    """Append one timing record for this process (no-op unless the bench asked for them)."""
+    directory = os.environ.get(PROBE_DIR_ENV)
+    if not directory:
+        return
+    row = {"kind": kind, "pid": os.getpid(), **fields}
+    with open(Path(directory) / f"{os.getpid()}.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _record_imports() -> None:
+    record("imports", start=_IMPORTS_STARTED, end=_IMPORTS_ENDED)
+
+
+def read_records(directory: str | Path, start: float, end: float) -> list[dict]:
+    """Every record written by any process between `start` and `end` (time.time())."""
+    rows = []
+    for path in sorted(Path(directory).glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if row["start"] >= start and row["end"] <= end:
+                    rows.append(row)
+    return rows
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+class _Timed:
+    """Mixin: records the constructor (model load) and every batch of a Ray Data actor."""
+
+    probe_name = ""  # the genloop class it times
+
+    def __init__(self, *args, **kwargs):
+        started = time.time()
+        super().__init__(*args, **kwargs)
+        record("actor", actor=self.probe_name, start=started, end=time.time(), threads=_threads())
+
+    def __call__(self, batch):
+        started = time.time()
+        out = super().__call__(batch)
+        record("batch", actor=self.probe_name, start=started, end=time.time(), rows=len(batch))
+        return out
+
+
+class TimedGenerateActor(_Timed, inference.GenerateActor):
+    """inference.GenerateActor, timed."""
+
+    probe_name = "GenerateActor"
+
+
+class TimedScoreActor(_Timed, inference.ScoreActor):
+    """inference.ScoreActor, timed."""
+
+    probe_name = "ScoreActor"
+
+
+class TimedEvalActor(_Timed, inference.EvalActor):
+    """inference.EvalActor, timed."""
+
+    probe_name = "EvalActor"
+
+
+class TimedEmbedActor(_Timed, embed.EmbedActor):
+    """embed.EmbedActor, timed."""
+
+    probe_name = "EmbedActor"
+
+
+class _Tee(io.TextIOBase):
+    """Writes to a stream and keeps a copy."""
+
+    def __init__(self, stream):
+        self.stream, self.copy = stream, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def parse_train_line(text: str) -> dict | None:
+    """The step-loop report a training worker prints: steps, tokens (all workers) and
+    seconds (tokens / the printed rate, which has more digits than the printed seconds)."""
+    matches = list(_TRAIN_LINE.finditer(text))
+    if not matches:
+        return None
+    found = matches[-1]
+    steps, tokens = int(found["steps"]), int(found["tokens"])
+    rate = float(found["rate"].replace(",", ""))
+    seconds = tokens / rate if rate > 0 else float(found["elapsed"])
+    return {"steps": steps, "tokens": tokens, "loop_s": seconds}
+
+
+def timed_train_loop(config: dict) -> None:
+    """pipeline.train._train_loop on a Ray Train worker, timed: the whole worker function, and
+    the step loop as the worker itself reports it."""
+    import ray.train
+
+    from pipeline import train
+
+    os.environ.update(config["env"])  # the probe directory may come only with the job's env
+    started = time.time()
+    context = ray.train.get_context()
+    untimed = _UNTIMED.get("train_loop", train._train_loop)
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        untimed(config)
+    loop = parse_train_line(tee.copy.getvalue()) or {}
+    record(
+        "train_worker",
+        start=started,
+        end=time.time(),
+        rank=context.get_world_rank(),
+        world=context.get_world_size(),
+        threads=_threads(),
+        **loop,
+    )
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """Swap genloop's actor classes and train loop for the timed ones while the block runs,
+    so that unmodified genloop code (run_loop, embed_texts, train_generation) reports timings."""
+    from pipeline import train
+
+    _UNTIMED["train_loop"] = train._train_loop
+    swaps = [
+        (inference, "GenerateActor", TimedGenerateActor),
+        (inference, "ScoreActor", TimedScoreActor),
+        (inference, "EvalActor", TimedEvalActor),
+        (embed, "EmbedActor", TimedEmbedActor),
+        (train, "_train_loop", timed_train_loop),
+    ]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
+    try:
+        for module, name, timed in swaps:
+            setattr(module, name, timed)
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+        _UNTIMED.clear()
+
+
+_record_imports()
