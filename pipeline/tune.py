@@ -955,7 +955,11 @@ def collect_results(experiment_path: str, filesystem, search: Search) -> pd.Data
         )
         frame.insert(1, "status", trial_status(trial.status, frame, cfg, search))
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if not frames:
+        return pd.DataFrame()
+    # Trials in the order they were made, whatever order a restored experiment lists them in.
+    results = pd.concat(frames, ignore_index=True)
+    return results.sort_values(["trial", "generation"], kind="stable", ignore_index=True)
 
 
 def open_trials(experiment_path: str, filesystem, search: Search) -> int:
