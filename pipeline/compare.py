@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-# Keys that generation 0 does not read: varying only these lets runs share generation 0.
-_GEN0_FREE = ("curate.", "mix.", "guard.", "loop.generations", "generate.", "score.")
+from pipeline.loop import GEN0_FREE, copy_generation_zero
 
 
 def register(commands) -> None:
@@ -98,7 +96,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             ]
             runs.append((variant_name(assignment), seed, load_config(args.config, overrides)))
     make_task(runs[0][2].task, runs[0][2].seed)
-    shareable = all(k.startswith(_GEN0_FREE) for a in grid for k in a)
+    shareable = all(k.startswith(GEN0_FREE) for a in grid for k in a)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,25 +143,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _reuse_generation_zero(out: Path, seed: int, run_dir: Path) -> None:
     """Copy a finished generation 0 (and base model) of the same seed from a sibling run."""
-    if (run_dir / "gen_00" / ".done" / "evaluate").exists():
-        return
     for done in sorted(out.glob(f"*/seed_{seed}/gen_00/.done/evaluate")):
-        source = done.parents[2]
-        if source == run_dir:
-            continue
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("gen_00", "base_model"):
-            if (source / name).exists() and not (run_dir / name).exists():
-                shutil.copytree(source / name, run_dir / name, ignore=_skip_train_dir)
-        return
-
-
-def _skip_train_dir(directory: str, names: list[str]) -> list[str]:
-    """Leave out generation 0's Ray Train directory, and its `tracked` marker: each run sends
-    its own copy of generation 0 to its TensorBoard."""
-    if Path(directory).name == "gen_00":
-        return [name for name in names if name == "train"]
-    return [name for name in names if name == "tracked" and Path(directory).name == ".done"]
+        if copy_generation_zero(done.parents[2], run_dir):
+            return
 
 
 def summarize(results: pd.DataFrame, metric: str) -> pd.DataFrame:

@@ -212,23 +212,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         ConfigError: listing every unknown key, wrong type and out-of-range value.
     """
     errors: list[str] = []
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError([f"config file not found: {path}"])
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError([f"{path}: not valid YAML ({e.__class__.__name__})"]) from None
-        if not isinstance(raw, dict):
-            raise ConfigError([f"{path}: the top level must be a mapping of sections"])
+    raw = read_yaml_mapping(Path(path), "config file") if path is not None else {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             errors.append(f"override {item!r}: expected key=value, e.g. mix.real_fraction=0.2")
             continue
-        _set_dotted(raw, key.strip(), _parse_value(value))
+        set_dotted(raw, key.strip(), parse_value(value))
     config = _build(RunConfig, raw, "", errors)
     errors.extend(validate(config))
     if errors:
@@ -236,14 +226,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     return config
 
 
-def _parse_value(text: str) -> Any:
+def read_yaml_mapping(path: Path, what: str = "file") -> dict[str, Any]:
+    """The mapping at the top of a YAML file (empty file: {}).
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or its top level is not a mapping.
+    """
+    if not path.is_file():
+        raise ConfigError([f"{what} not found: {path}"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML ({e.__class__.__name__})"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections"])
+    return raw
+
+
+def parse_value(text: str) -> Any:
+    """A `key=value` override's value as YAML reads it (`0.2` a float, `[1, 2]` a list);
+    text YAML cannot read stays text."""
     try:
         return yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         return text
 
 
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """raw["mix"]["real_fraction"] = value for key "mix.real_fraction" (creating sections);
+    a bare shorthand (`curate`) names its field (`curate.strategy`)."""
     parts = key.split(".")
     if len(parts) == 1 and parts[0] in SHORTHANDS and not isinstance(value, dict):
         parts.append(SHORTHANDS[parts[0]])
@@ -254,6 +265,18 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
             child = node[part] = {}
         node = child
     node[parts[-1]] = value
+
+
+def flatten_mapping(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of a nested mapping under its dotted key, e.g. {"mix.real_fraction": 0.0};
+    an empty nested mapping is left out (set back with `set_dotted`, it keeps its default)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_mapping(value, f"{prefix}{key}."))
+        elif not (isinstance(value, dict) and prefix):
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
@@ -546,15 +569,5 @@ def dump_yaml(config: RunConfig) -> str:
 
 
 def flatten(config: RunConfig) -> dict[str, Any]:
-    """Every leaf setting under its dotted key, e.g. {"mix.real_fraction": 0.0, ...}."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict) and value:
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value
-
-    walk(to_dict(config), "")
-    return flat
+    """Every setting under its dotted key, e.g. {"mix.real_fraction": 0.0, ...}."""
+    return flatten_mapping(to_dict(config))

@@ -633,6 +633,50 @@ def _mix_embeddings(cfg: RunConfig, gen: Generation) -> np.ndarray:
     return embeddings
 
 
+# Keys generation 0 does not read: runs that differ only in these can share one generation 0
+# (`copy_generation_zero`). Curation, mixing, the guard, selection and the training length
+# act from generation 1 on.
+GEN0_FREE = (
+    "curate.",
+    "mix.",
+    "guard.",
+    "select.",
+    "generate.",
+    "score.",
+    "loop.generations",
+    "train.steps",
+    "train.init_from",
+)
+
+
+def copy_generation_zero(source: Path, run_dir: Path) -> bool:
+    """Start `run_dir` from the finished generation 0 (and base model) of the run at `source`.
+
+    Leaves out generation 0's Ray Train directory (later generations start from its model)
+    and its `tracked` marker (each run sends generation 0 to its own trackers). A target left
+    half-copied by an interrupted copy is replaced. Returns whether `run_dir` now has it.
+    """
+    if (run_dir / "gen_00" / ".done" / "evaluate").exists():
+        return True
+    if source == run_dir or not (source / "gen_00" / ".done" / "evaluate").exists():
+        return False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("gen_00", "base_model"):
+        target = run_dir / name
+        if (source / name).exists():
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(source / name, target, ignore=_without_train_dir_or_tracked)
+    return True
+
+
+def _without_train_dir_or_tracked(directory: str, names: list[str]) -> list[str]:
+    here = Path(directory).name
+    if here == "gen_00":
+        return [name for name in names if name == "train"]
+    return [name for name in names if name == "tracked" and here == ".done"]
+
+
 def prepare_base_model(cfg: RunConfig, task: Task, run_dir: Path) -> str:
     """The model generation 0 starts from: the user's `model.path`, or a tiny GPT-2 built
     from config with a character tokenizer over the task's alphabet."""

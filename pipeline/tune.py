@@ -33,7 +33,6 @@ import dataclasses
 import itertools
 import json
 import math
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -44,13 +43,17 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.compare import _GEN0_FREE
-from pipeline.config import SHORTHANDS, ConfigError, RunConfig, load_config
-
-# Keys generation 0 does not read (see `pipeline.compare`): searching only these lets every
-# trial start from one shared generation 0. Selection, `train.steps` and `train.init_from`
-# act from generation 1 on.
-GEN0_FREE = (*_GEN0_FREE, "select.", "train.steps", "train.init_from")
+from pipeline.config import (
+    SHORTHANDS,
+    ConfigError,
+    RunConfig,
+    flatten_mapping,
+    load_config,
+    parse_value,
+    read_yaml_mapping,
+    set_dotted,
+)
+from pipeline.loop import GEN0_FREE, copy_generation_zero
 
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("none", "asha")
@@ -197,9 +200,9 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> Search:
         elif key.startswith("tune.space."):  # the rest is a dotted config key
             space = tune_raw.get("space")
             space = tune_raw["space"] = space if isinstance(space, dict) else {}
-            space[key[len("tune.space.") :]] = _parse_value(value)
+            space[key[len("tune.space.") :]] = parse_value(value)
         elif key.startswith("tune."):
-            _set_dotted(tune_raw, key[len("tune.") :], _parse_value(value))
+            set_dotted(tune_raw, key[len("tune.") :], parse_value(value))
         else:
             config_overrides.append(item)
     searched = {_canonical(k) for k in (tune_raw.get("space") or {})}
@@ -208,7 +211,7 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> Search:
             errors.append(f"{item}: this key is searched; change its range in tune.space instead")
     if errors:
         raise ConfigError(errors)
-    inline = [f"{k}={json.dumps(v)}" for k, v in _flatten(sections).items()]
+    inline = [f"{k}={json.dumps(v)}" for k, v in flatten_mapping(sections).items()]
     try:
         base = load_config(None, [*inline, *config_overrides])
     except ConfigError as e:
@@ -223,16 +226,9 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> Search:
 
 def _read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """A preset's sections merged over its `base:` chain (bases are relative to the file)."""
-    if not path.is_file():
-        raise ConfigError([f"preset not found: {path}"])
     if path.resolve() in seen:
         raise ConfigError([f"{path}: `base:` leads back to itself"])
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML ({e.__class__.__name__})"]) from None
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping of sections"])
+    raw = read_yaml_mapping(path, "preset")
     base = raw.pop("base", None)
     if base is None:
         return raw
@@ -454,39 +450,13 @@ def resolve_config(base: RunConfig, assignment: dict[str, Any]) -> RunConfig:
     Raises:
         ConfigError: an unknown key, a wrong type or an out-of-range value.
     """
-    values = {**_flatten(dataclasses.asdict(base)), **assignment}
+    values = {**flatten_mapping(dataclasses.asdict(base)), **assignment}
     return load_config(None, [f"{k}={json.dumps(_plain(v))}" for k, v in values.items()])
 
 
 def _canonical(key: str) -> str:
     """`curate` (the shorthand) -> `curate.strategy`."""
     return f"{key}.{SHORTHANDS[key]}" if key in SHORTHANDS else key
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        elif not (isinstance(value, dict) and prefix):  # an empty mapping keeps its default
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
-    *parents, last = key.split(".")
-    for part in parents:
-        if not isinstance(tree.get(part), dict):
-            tree[part] = {}
-        tree = tree[part]
-    tree[last] = value
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        return text
 
 
 def _plain(value: Any) -> Any:
@@ -590,7 +560,7 @@ def _trial(config: dict, *, base: dict, runs_dir: str, gen0_dir: str | None) -> 
 
     from pipeline.loop import Progress, run_loop
 
-    cfg = resolve_config(RunConfig(), {**_flatten(base), **config})
+    cfg = resolve_config(RunConfig(), {**flatten_mapping(base), **config})
     # MLflow gets the trials through Ray Tune's MLflowLoggerCallback (one MLflow run per
     # trial, with its searched values), not a second time from inside the loop.
     cfg = dataclasses.replace(
@@ -629,26 +599,6 @@ def _trial(config: dict, *, base: dict, runs_dir: str, gen0_dir: str | None) -> 
             f.write(line + "\n")
 
     run_loop(cfg, run_dir, Progress(cfg.loop.generations, echo=echo), on_generation=report)
-
-
-def copy_generation_zero(source: Path, run_dir: Path) -> None:
-    """Copy a finished generation 0 (and the base model) into a trial's run directory."""
-    if (run_dir / "gen_00" / ".done" / "evaluate").exists():
-        return
-    if not (source / "gen_00" / ".done" / "evaluate").exists():
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("gen_00", "base_model"):
-        target = run_dir / name
-        if (source / name).exists():
-            if target.exists():
-                shutil.rmtree(target)  # a half-copied or half-made one of an earlier attempt
-            shutil.copytree(source / name, target, ignore=_skip_train_dir)
-
-
-def _skip_train_dir(directory: str, names: list[str]) -> list[str]:
-    """Ray Train's own run directory of generation 0 is not needed by later generations."""
-    return ["train"] if Path(directory).name == "gen_00" and "train" in names else []
 
 
 def _trial_resources(trainable):
@@ -709,7 +659,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise UsageError("--resume takes the experiment's own tune.yaml; give only the path")
         experiment = _location(args.resume)
         saved = yaml.safe_load(_read_text(experiment, SPEC_FILE))
-        search = parse_search(saved["tune"], resolve_config(RunConfig(), _flatten(saved["base"])))
+        search = parse_search(
+            saved["tune"], resolve_config(RunConfig(), flatten_mapping(saved["base"]))
+        )
         runs_dir, gen0_dir = saved["runs_dir"], saved["gen0_dir"]
     else:
         if not args.config:

@@ -13,8 +13,8 @@ import yaml
 
 from pipeline.cli import UsageError, main
 from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.loop import copy_generation_zero
 from pipeline.tune import (
-    copy_generation_zero,
     load_search,
     max_concurrent_trials,
     pareto_front,
@@ -320,17 +320,23 @@ def test_pareto_front():
 
 def test_generation_zero_is_copied_without_its_training_directory(tmp_path):
     source, trial = tmp_path / "gen0", tmp_path / "trial"
+    assert not copy_generation_zero(source, trial)  # nothing finished to copy
     for name in (
         "gen_00/.done/evaluate",
+        "gen_00/.done/tracked",
         "gen_00/model/config.json",
         "gen_00/train/x",
         "base_model/a",
     ):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_text("x")
-    copy_generation_zero(source, trial)
+    (trial / "gen_00/model").mkdir(parents=True)
+    (trial / "gen_00/model/half-copied").write_text("x")  # an interrupted earlier copy
+    assert copy_generation_zero(source, trial)
     assert (trial / "gen_00/model/config.json").exists() and (trial / "base_model/a").exists()
     assert not (trial / "gen_00/train").exists()
+    assert not (trial / "gen_00/model/half-copied").exists()
+    assert not (trial / "gen_00/.done/tracked").exists()  # each run tracks its own copy
     (trial / "gen_00/model/config.json").write_text("kept")
     copy_generation_zero(source, trial)  # already there: left alone
     assert (trial / "gen_00/model/config.json").read_text() == "kept"
