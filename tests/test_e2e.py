@@ -12,25 +12,9 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import main
+from tests.tiny import TINY_RUN
 
-TINY = [
-    "task.seed_examples=200",
-    "task.pool_prompts=48",
-    "task.heldout_prompts=40",
-    "task.validation_prompts=40",
-    "model.n_layer=1",
-    "model.n_embd=32",
-    "model.n_head=2",
-    "model.max_length=32",
-    "loop.gen0_steps=30",
-    "loop.gen0_target_accuracy=null",
-    "train.steps=10",
-    "train.batch_size=16",
-    "train.lr=3e-3",
-    "generate.batch_size=64",
-    "eval.batch_size=40",
-    "diagnostics.mix_embedding_rows=32",
-]
+TINY = [*TINY_RUN, "diagnostics.mix_embedding_rows=32"]  # the mix-drift stage runs too
 STAGES = ["generate", "score", "curate", "select", "mix", "train", "evaluate", "tracked"]
 
 

@@ -29,29 +29,12 @@ import pandas as pd
 import pytest
 import requests
 
+from tests.tiny import TINY_RUN
+
 REPO = Path(__file__).resolve().parents[2]
 # Needs both cores for minutes: run with `make test-cluster` (not part of `make test`).
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
-# tests/test_e2e.py's TINY run, one CPU per Ray worker.
-TINY = [
-    "task.seed_examples=200",
-    "task.pool_prompts=48",
-    "task.heldout_prompts=40",
-    "task.validation_prompts=40",
-    "model.n_layer=1",
-    "model.n_embd=32",
-    "model.n_head=2",
-    "model.max_length=32",
-    "loop.gen0_steps=30",
-    "loop.gen0_target_accuracy=null",
-    "train.steps=10",
-    "train.batch_size=16",
-    "train.lr=3e-3",
-    "generate.batch_size=64",
-    "eval.batch_size=40",
-    "diagnostics.mix_embedding_rows=0",
-]
 ONE_PER_STAGE = ["train.workers=2", "generate.workers=1", "score.workers=1", "eval.workers=1"]
 GEN0_STEPS, CHECKPOINT_EVERY = 60, 10  # room to kill a worker between two checkpoints
 TIMEOUT_S = 1200
@@ -129,7 +112,7 @@ def killed_run(two_nodes, tmp_path_factory) -> KilledRun:
         "--run-dir",
         str(run_dir),
         "loop.generations=1",
-        *TINY,
+        *TINY_RUN,
         *ONE_PER_STAGE,
         f"loop.gen0_steps={GEN0_STEPS}",
         f"train.checkpoint_every={CHECKPOINT_EVERY}",

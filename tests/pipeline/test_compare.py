@@ -3,6 +3,7 @@ import pytest
 
 from pipeline.cli import UsageError, main
 from pipeline.compare import summarize, summary_markdown, variant_name, variants
+from tests.tiny import TINY_RUN
 
 
 def test_variants_form_a_grid():
@@ -39,22 +40,12 @@ def test_bad_values_are_refused_before_any_run(tmp_path, capsys):
 
 
 TINY = [
-    "task.seed_examples=200",
+    *TINY_RUN,
     "task.pool_prompts=40",
-    "task.heldout_prompts=40",
-    "task.validation_prompts=40",
-    "model.n_layer=1",
-    "model.n_embd=32",
-    "model.n_head=2",
-    "model.max_length=32",
     "loop.gen0_steps=20",
-    "loop.gen0_target_accuracy=null",
     "loop.generations=1",
     "train.steps=8",
-    "train.batch_size=16",
-    "train.lr=3e-3",
     "curate.label_budget=4",
-    "diagnostics.mix_embedding_rows=0",
 ]
 
 
