@@ -176,6 +176,21 @@ def connect(
     return f"Ray cluster at {address}"
 
 
+def cpus_per_worker(workers: int, requested: int | None = None) -> int:
+    """CPUs each of a stage's `workers` asks Ray for: `requested`, or else an equal share of
+    the cluster's CPUs that still fits on its largest node (at least 1). A stage's workers run
+    alone (stages run one after another), so a share of everything keeps every core busy:
+    Ray gives a task as many torch threads as CPUs."""
+    if requested is not None:
+        return requested
+    import ray
+
+    cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive", False)]
+    if not cpus:
+        return 1
+    return max(1, min(int(max(cpus)), int(sum(cpus) // max(1, workers))))
+
+
 def preflight(address: str | None) -> Address:
     """Check, without starting or joining Ray, that a run could join `address` (or the
     RAY_ADDRESS variable): the form, the port, and the token. Takes a second or two.

@@ -178,6 +178,9 @@ class DiagnosticsConfig:
 class RayConfig:
     address: str | None = None  # None: start a local Ray for the run; or auto / ray://... / a URL
     num_cpus: int | None = None  # local Ray only; None: every core
+    # CPUs (and torch threads) per Ray Data actor and Ray Train worker. None: a stage's
+    # workers share the cluster's CPUs (one worker on 2 cores gets both).
+    cpus_per_worker: int | None = None
 
 
 @dataclass
@@ -526,6 +529,8 @@ def validate(c: RunConfig) -> list[str]:
     positive("eval.sample_temperature", c.eval.sample_temperature)
     if c.ray.num_cpus is not None:
         positive("ray.num_cpus", c.ray.num_cpus)
+    if c.ray.cpus_per_worker is not None:
+        positive("ray.cpus_per_worker", c.ray.cpus_per_worker)
     return errors
 
 

@@ -103,15 +103,17 @@ def embed_texts(
     workers: int = 2,
     batch_size: int = 64,
     use_gpu: bool = False,
+    cpus_per_worker: int | None = None,
 ) -> np.ndarray:
     """Embed `texts` on a pool of `workers` Ray actors (Ray must be initialised).
 
     Args:
         texts: N strings.
         model: encoder directory or hub id; None: the shipped all-MiniLM-L6-v2.
-        workers: actors, one encoder each (1 CPU, or 1 GPU with use_gpu).
+        workers: actors, one encoder each (1 GPU each with use_gpu).
         batch_size: texts per forward pass inside an actor.
         use_gpu: run the encoders on GPUs.
+        cpus_per_worker: CPUs per actor; None: a share of the cluster's.
 
     Returns:
         (N, D) float32, one L2-normalised row per text, in the order of `texts`.
@@ -129,6 +131,7 @@ def embed_texts(
         EmbedActor,
         workers=workers,
         use_gpu=use_gpu,
+        cpus_per_worker=cpus_per_worker,
         rows_per_batch=ROWS_PER_ACTOR_BATCH,
         constructor_kwargs=dict(model=model, batch_size=batch_size, use_gpu=use_gpu),
     )

@@ -44,11 +44,21 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def use_all_assigned_cpus() -> None:
+    """In a Ray actor or Train worker: one torch thread per CPU Ray assigned it."""
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    if cpus >= 1:
+        torch.set_num_threads(int(cpus))
+
+
 class _ModelActor:
     def __init__(self, model_dir: str, trust_remote_code: bool, use_gpu: bool):
         import torch
 
         _quiet_transformers()
+        use_all_assigned_cpus()
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         self.model, self.tokenizer = load_model(
@@ -195,15 +205,20 @@ def map_with_actors(
     use_gpu: bool,
     constructor_kwargs: dict,
     rows_per_batch: int,
+    cpus_per_worker: int | None = None,
 ) -> pd.DataFrame:
-    """Run `actor_cls` over `frame` on a pool of `workers` actors; return the rows in order."""
+    """Run `actor_cls` over `frame` on a pool of `workers` actors; return the rows in order.
+    Each actor gets `cpus_per_worker` CPUs (None: its share of the cluster, `cpus_per_worker`
+    in cluster.connect)."""
+    from cluster.connect import cpus_per_worker as share
+
     if len(frame) == 0:
         return frame
     frame = frame.reset_index(drop=True).assign(_row=np.arange(len(frame)))
     n_blocks = max(1, min(len(frame), workers * 4))
     parts = [frame.iloc[index] for index in np.array_split(np.arange(len(frame)), n_blocks)]
     dataset = ray.data.from_pandas(parts)
-    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": share(workers, cpus_per_worker)}
     result = dataset.map_batches(
         actor_cls,
         fn_constructor_kwargs=constructor_kwargs,

@@ -300,6 +300,7 @@ def curate_samples_stage(
             pool,
             GenerateActor,
             workers=g.workers,
+            cpus_per_worker=cfg.ray.cpus_per_worker,
             use_gpu=cfg.train.use_gpu,
             rows_per_batch=g.batch_size,
             constructor_kwargs=dict(
@@ -330,6 +331,7 @@ def curate_samples_stage(
             samples,
             ScoreActor,
             workers=s.workers,
+            cpus_per_worker=cfg.ray.cpus_per_worker,
             use_gpu=cfg.train.use_gpu,
             rows_per_batch=s.batch_size,
             constructor_kwargs=dict(
@@ -416,6 +418,7 @@ def select_stage(cfg: RunConfig, gen: Generation) -> dict:
             checkpoints=se.proxy_checkpoints,
             steps=se.proxy_steps,
             workers=cfg.score.workers,
+            cpus_per_worker=cfg.ray.cpus_per_worker,
             max_length=cfg.model.max_length,
         )
         features.update(
@@ -494,7 +497,15 @@ def train_stage(
         job.eval_every = cfg.loop.gen0_eval_every
     # Ray Train keeps its checkpoints in gen_XX/train, at the run's URI for a remote run.
     with atomic_dir(gen.path("model")) as tmp:
-        state = train_generation(job, training_set, gen.ref(), cfg.train, worker_env(), tmp)
+        state = train_generation(
+            job,
+            training_set,
+            gen.ref(),
+            cfg.train,
+            worker_env(),
+            tmp,
+            cpus_per_worker=cfg.ray.cpus_per_worker,
+        )
     write_json(state, gen.path("train.json"))
     return gen.ref("model")
 
@@ -516,6 +527,7 @@ def evaluate_stage(
         task.heldout,
         EvalActor,
         workers=e.workers,
+        cpus_per_worker=cfg.ray.cpus_per_worker,
         use_gpu=cfg.train.use_gpu,
         rows_per_batch=e.batch_size,
         constructor_kwargs=dict(
@@ -625,7 +637,12 @@ def _mix_embeddings(cfg: RunConfig, gen: Generation) -> np.ndarray:
     )
     sample = frame.iloc[rows]
     texts = (sample["prompt"].fillna("") + sample["response"].fillna("")).tolist()
-    embeddings = embed_texts(texts, model=cfg.diagnostics.embedding_model, workers=1)
+    embeddings = embed_texts(
+        texts,
+        model=cfg.diagnostics.embedding_model,
+        workers=1,
+        cpus_per_worker=cfg.ray.cpus_per_worker,
+    )
     write_parquet(
         pd.DataFrame({"row": rows, "embedding": list(embeddings), "source": sample["source"]}),
         path,

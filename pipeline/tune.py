@@ -221,7 +221,7 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> Search:
         except ConfigError as more:
             raise ConfigError(e.errors + more.errors) from None
         raise
-    return parse_search(tune_raw, _absolute_paths(base))
+    return parse_search(tune_raw, _for_trials(base))
 
 
 def _read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -464,9 +464,11 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def _absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Trials run in other working directories (and maybe on other nodes): local files named
-    relative to here become absolute."""
+def _for_trials(cfg: RunConfig) -> RunConfig:
+    """The base config as trials run it. Trials run in other working directories (and maybe
+    on other nodes): local files named relative to here become absolute. Trials run side by
+    side: a worker takes 1 CPU unless `ray.cpus_per_worker` says otherwise, not its stage's
+    share of the whole cluster."""
 
     def absolute(path: str | None) -> str | None:
         return str(Path(path).resolve()) if path and Path(path).exists() else path
@@ -483,6 +485,7 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
                 cfg.train.deepspeed, config_file=absolute(cfg.train.deepspeed.config_file)
             ),
         ),
+        ray=dataclasses.replace(cfg.ray, cpus_per_worker=cfg.ray.cpus_per_worker or 1),
     )
 
 
@@ -504,9 +507,10 @@ def trial_needs(cfg: RunConfig) -> dict[str, int]:
     cpu_only = [1] if cfg.diagnostics.mix_embedding_rows > 0 else []
     if cfg.select.method != "none" and required_features(cfg.select.method) - {"losses"}:
         cpu_only += [cfg.score.workers, SelectOptions().train.workers]
+    cpus = cfg.ray.cpus_per_worker or 1
     if cfg.train.use_gpu:
-        return {"CPU": max(actors + cpu_only), "GPU": max([cfg.train.workers, *actors])}
-    return {"CPU": max([cfg.train.workers, *actors, *cpu_only]), "GPU": 0}
+        return {"CPU": cpus * max(actors + cpu_only), "GPU": max([cfg.train.workers, *actors])}
+    return {"CPU": cpus * max([cfg.train.workers, *actors, *cpu_only]), "GPU": 0}
 
 
 def search_needs(search: Search) -> dict[str, int]:

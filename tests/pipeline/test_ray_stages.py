@@ -131,3 +131,30 @@ def test_mix_similarity_sees_a_mix_drift_from_the_real_data(ray_local, tmp_path)
     cached = pd.read_parquet(Generation(tmp_path, 2).path("mix_embeddings.parquet"))
     assert len(cached) == 24 and len(cached["embedding"].iloc[0]) == 384
     assert mix_similarity(cfg, Generation(tmp_path, 2)) == far  # from the cached embeddings
+
+
+class _ThreadsActor:
+    """Reports the torch threads an actor of `map_with_actors` runs with."""
+
+    def __init__(self):
+        from pipeline.inference import use_all_assigned_cpus
+
+        use_all_assigned_cpus()
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import torch
+
+        return batch.assign(threads=torch.get_num_threads())
+
+
+def test_a_stage_shares_the_clusters_cpus_among_its_workers(ray_local):
+    from cluster.connect import cpus_per_worker
+
+    assert [cpus_per_worker(n) for n in (1, 2, 3)] == [2, 1, 1]  # a 2-CPU local Ray
+    assert cpus_per_worker(1, requested=1) == 1
+    rows = pd.DataFrame({"x": range(4)})
+    common = dict(use_gpu=False, constructor_kwargs={}, rows_per_batch=2)
+    alone = map_with_actors(rows, _ThreadsActor, workers=1, **common)
+    assert alone["threads"].tolist() == [2] * 4  # one actor: both cores
+    pinned = map_with_actors(rows, _ThreadsActor, workers=1, cpus_per_worker=1, **common)
+    assert pinned["threads"].tolist() == [1] * 4

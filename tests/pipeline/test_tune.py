@@ -234,6 +234,13 @@ def test_max_concurrent_trials_is_what_the_cluster_holds():
         max_concurrent_trials({"CPU": 2.0}, {"CPU": 4, "GPU": 0})
 
 
+def test_trials_take_one_cpu_per_worker_unless_told():
+    """A lone run's stage takes its share of the whole cluster; trials run side by side."""
+    tiny = ROOT / "ray_configs" / "tune" / "arithmetic_fraction_budget.yaml"
+    assert load_search(tiny, []).base.ray.cpus_per_worker == 1
+    assert load_search(tiny, ["ray.cpus_per_worker=2"]).base.ray.cpus_per_worker == 2
+
+
 def test_a_trial_needs_its_largest_stage():
     assert trial_needs(RunConfig()) == {"CPU": 2, "GPU": 0}  # 2 train workers, 2 actors
     one = load_config(
@@ -250,6 +257,8 @@ def test_a_trial_needs_its_largest_stage():
         load_config(None, ["train.batch_size=16"]),
     )
     assert search_needs(search)["CPU"] == 4
+    two_each = load_config(None, ["ray.cpus_per_worker=2"])
+    assert trial_needs(two_each) == {"CPU": 4, "GPU": 0}
 
 
 # --------------------------------------------------------------------------- outputs
