@@ -19,10 +19,10 @@ run: $(BIN)/.installed
 	$(BIN)/genloop run
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m "not multinode"
+	$(BIN)/python -m pytest -q --durations=15
 
 test-cluster: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m multinode tests/cluster/test_multinode.py
+	$(BIN)/python -m pytest -q tests/cluster/test_multinode.py
 
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow and not multinode"

@@ -9,6 +9,7 @@ process groups and every process they had spawned (workers, job drivers), by PID
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -43,6 +44,7 @@ class LocalCluster:
     dashboard_port: int
     env: dict[str, str]  # the environment of a client allowed in (token auth)
     procs: list[subprocess.Popen] = field(default_factory=list)
+    worker: subprocess.Popen | None = None  # the worker node's `ray start`
 
     @property
     def dashboard_url(self) -> str:
@@ -63,6 +65,44 @@ class LocalCluster:
                 start_new_session=True,  # its own process group: teardown signals the group
             )
         self.procs.append(proc)
+
+    def add_worker_node(self, name: str) -> subprocess.Popen:
+        """Start a worker node (1 CPU, resource `workernode`) and wait until it is alive."""
+        known = _alive_node_ids(self)
+        for attempt in (1, 2):  # a raylet may give up on its agents on a loaded machine
+            self.start_node(
+                f"--address={self.gcs_address}",
+                *_node_ports(),
+                "--num-cpus=1",
+                "--resources=" + json.dumps({"workernode": 1}),
+                name=f"{name}{attempt}",
+            )
+            node = self.procs[-1]
+            wait_for(
+                lambda: bool(_alive_node_ids(self) - known) or node.poll() is not None,
+                120,
+                f"the {name} node",
+            )
+            if node.poll() is None:
+                return node
+            _kill_group(node.pid)  # what the failed `ray start` left behind
+        raise RuntimeError(f"the {name} node did not start; see {self.temp_dir}")
+
+    def kill_node(self, node: subprocess.Popen) -> None:
+        """SIGKILL a node as if its machine died: the `ray start` process group and every
+        process it spawned (raylet, agents, workers)."""
+        import psutil
+
+        try:
+            leader = psutil.Process(node.pid)
+            victims = [leader, *leader.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        _kill_group(node.pid)
+        for victim in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.kill()
+        psutil.wait_procs(victims, timeout=10)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL, to the processes this cluster started (never `ray stop`)."""
@@ -112,6 +152,10 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
 
 
 def _alive_nodes(cluster: LocalCluster) -> int:
+    return len(_alive_node_ids(cluster))
+
+
+def _alive_node_ids(cluster: LocalCluster) -> set[str]:
     import requests
 
     try:
@@ -122,8 +166,8 @@ def _alive_nodes(cluster: LocalCluster) -> int:
         )
         nodes = r.json()["data"]["summary"]
     except Exception:
-        return 0
-    return sum(n["raylet"]["state"] == "ALIVE" for n in nodes)
+        return set()
+    return {n["raylet"]["nodeId"] for n in nodes if n["raylet"]["state"] == "ALIVE"}
 
 
 def _agents_ready(cluster: LocalCluster) -> bool:
@@ -177,23 +221,7 @@ def start_two_node_cluster() -> LocalCluster:
             name="head",
         )
         wait_for(lambda: _alive_nodes(cluster) >= 1, 90, "the head node")
-        for attempt in (1, 2):  # a raylet may give up on its agents on a loaded machine
-            cluster.start_node(
-                f"--address={cluster.gcs_address}",
-                *_node_ports(),
-                "--num-cpus=1",
-                "--resources=" + json.dumps({"workernode": 1}),
-                name=f"worker{attempt}",
-            )
-            node = cluster.procs[-1]
-            wait_for(
-                lambda: _alive_nodes(cluster) >= 2 or node.poll() is not None,
-                120,
-                "the worker node",
-            )
-            if node.poll() is None:
-                break
-            _kill_group(node.pid)  # what the failed `ray start` left behind
+        cluster.worker = cluster.add_worker_node("worker")
         wait_for(lambda: _alive_nodes(cluster) >= 2, 5, "the worker node")
         wait_for(lambda: _agents_ready(cluster), 60, "the job server")
     except BaseException:
