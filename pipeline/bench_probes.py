@@ -98,6 +98,12 @@ class TimedGenerateActor(_Timed, inference.GenerateActor):
     probe_name = "GenerateActor"
 
 
+class TimedGenerateAndScoreActor(_Timed, inference.GenerateAndScoreActor):
+    """inference.GenerateAndScoreActor, timed."""
+
+    probe_name = "GenerateAndScoreActor"
+
+
 class TimedScoreActor(_Timed, inference.ScoreActor):
     """inference.ScoreActor, timed."""
 
@@ -178,6 +184,7 @@ def installed() -> Iterator[None]:
     _UNTIMED["train_loop"] = train._train_loop
     swaps = [
         (inference, "GenerateActor", TimedGenerateActor),
+        (inference, "GenerateAndScoreActor", TimedGenerateAndScoreActor),
         (inference, "ScoreActor", TimedScoreActor),
         (inference, "EvalActor", TimedEvalActor),
         (embed, "EmbedActor", TimedEmbedActor),

@@ -981,13 +981,16 @@ def _add_stage_flops(ctx: BenchContext, run_dir: Path, stages: list[dict]) -> No
         gen_dir = run_dir / f"gen_{stage['generation']:02d}"
         tokens = None
         if stage["stage"] == "generate" and (gen_dir / "samples.parquet").exists():
-            samples = pd.read_parquet(gen_dir / "samples.parquet", columns=["prompt", "response"])
+            samples = pd.read_parquet(gen_dir / "samples.parquet")
             prompt = _lengths(tokenizer, samples["prompt"].tolist()) + start
             tokens = float(
                 prompt.sum() + sampled_tokens(tokenizer, samples["response"].tolist(), budget)
             )
+            if "loss" in samples.columns:  # the generating actors scored their samples, too
+                prompts, responses = _score_texts(ctx, samples)
+                tokens += float(_example_tokens(ctx, tokenizer, prompts, responses).sum())
             stage["flops"] = model_flops(n_params, tokens, training=False)
-        elif stage["stage"] == "score" and (gen_dir / "scored.parquet").exists():
+        elif stage["stage"] == "score" and _ran(stage, "ScoreActor"):
             scored = pd.read_parquet(gen_dir / "scored.parquet", columns=["prompt", "response"])
             prompts, responses = _score_texts(ctx, scored)
             tokens = float(_example_tokens(ctx, tokenizer, prompts, responses).sum())
@@ -1000,6 +1003,10 @@ def _add_stage_flops(ctx: BenchContext, run_dir: Path, stages: list[dict]) -> No
             stage["flops"] = model_flops(n_params, tokens, training=False)
         if tokens is not None:
             stage["tokens"] = tokens
+
+
+def _ran(stage: dict, actor: str) -> bool:
+    return any(segment["what"] == actor for segment in stage.get("segments", []))
 
 
 def make_context(

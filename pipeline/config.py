@@ -82,6 +82,8 @@ class GenerateConfig:
 
 @dataclass
 class ScoreConfig:
+    # Rows per scoring forward pass. Samples are scored by the actors that generated them;
+    # `workers` sizes the scoring pools that run alone (selection features).
     batch_size: int = 512
     workers: int = 2
 

@@ -117,25 +117,53 @@ class ScoreActor(_ModelActor):
         train_on_prompt,
     ):
         super().__init__(model_dir, trust_remote_code, use_gpu)
-        self.batch_size, self.max_length, self.add_eos = batch_size, max_length, add_eos
-        self.train_on_prompt = train_on_prompt
+        self.scoring = dict(
+            batch_size=batch_size,
+            max_length=max_length,
+            add_eos=add_eos,
+            train_on_prompt=train_on_prompt,
+        )
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        # Score what the next model would be trained on: the response, after its prompt.
-        prompts = batch["prompt"].tolist() if self.train_on_prompt else [""] * len(batch)
-        loss, tokens = example_losses(
-            self.model,
-            self.tokenizer,
-            prompts,
-            batch["response"].tolist(),
-            max_length=self.max_length,
-            add_eos=self.add_eos,
-            batch_size=self.batch_size,
+        return score_rows(self.model, self.tokenizer, batch, **self.scoring)
+
+
+class GenerateAndScoreActor(GenerateActor):
+    """GenerateActor, then ScoreActor's columns for the new samples, under the same model in
+    the same actor: one actor pool and one model load where there would be two."""
+
+    def __init__(self, *args, score_batch_size, add_eos, train_on_prompt, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scoring = dict(
+            batch_size=score_batch_size,
+            max_length=self.settings["max_length"],
+            add_eos=add_eos,
+            train_on_prompt=train_on_prompt,
         )
-        batch = batch.copy()
-        batch["loss"], batch["tokens"] = loss, tokens
-        batch["length"] = batch["response"].str.len()
-        return batch
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return score_rows(self.model, self.tokenizer, super().__call__(batch), **self.scoring)
+
+
+def score_rows(
+    model, tokenizer, batch: pd.DataFrame, *, batch_size, max_length, add_eos, train_on_prompt
+) -> pd.DataFrame:
+    """`batch` with `loss`, `tokens` and `length` of each row's response under `model`."""
+    # Score what the next model would be trained on: the response, after its prompt.
+    prompts = batch["prompt"].tolist() if train_on_prompt else [""] * len(batch)
+    loss, tokens = example_losses(
+        model,
+        tokenizer,
+        prompts,
+        batch["response"].tolist(),
+        max_length=max_length,
+        add_eos=add_eos,
+        batch_size=batch_size,
+    )
+    batch = batch.copy()
+    batch["loss"], batch["tokens"] = loss, tokens
+    batch["length"] = batch["response"].str.len()
+    return batch
 
 
 class EvalActor(_ModelActor):

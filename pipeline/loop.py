@@ -286,19 +286,24 @@ def _set_aside(gen: Generation, attempt: int) -> None:
 def curate_samples_stage(
     cfg: RunConfig, task: Task, gen: Generation, model: str, progress: Progress
 ) -> pd.DataFrame:
-    """generate -> score -> curate, with the previous generation's model."""
-    from pipeline.inference import GenerateActor, ScoreActor, map_with_actors
+    """generate -> score -> curate, with the previous generation's model.
+
+    The generating actors also score their own samples (same model, one pool and one model
+    load per actor); the score stage then checks the answers. A run directory whose samples
+    came without scores (an older genloop) gets them from a ScoreActor pool."""
+    from pipeline.inference import GenerateAndScoreActor, ScoreActor, map_with_actors
 
     pool = task.prompt_pool(gen.index)
     common = dict(
         model_dir=model, trust_remote_code=cfg.model.trust_remote_code, use_gpu=cfg.train.use_gpu
     )
+    scoring = dict(add_eos=task.add_eos, train_on_prompt=task.train_on_prompt)
 
     def generate_samples() -> pd.DataFrame:
         g = cfg.generate
         samples = map_with_actors(
             pool,
-            GenerateActor,
+            GenerateAndScoreActor,
             workers=g.workers,
             cpus_per_worker=cfg.ray.cpus_per_worker,
             use_gpu=cfg.train.use_gpu,
@@ -311,6 +316,8 @@ def curate_samples_stage(
                 top_p=g.top_p,
                 batch_size=g.batch_size,
                 max_length=cfg.model.max_length,
+                score_batch_size=cfg.score.batch_size,
+                **scoring,
             ),
         )
         write_parquet(samples, gen.path("samples.parquet"))
@@ -327,22 +334,22 @@ def curate_samples_stage(
 
     def score_samples() -> pd.DataFrame:
         s = cfg.score
-        scored = map_with_actors(
-            samples,
-            ScoreActor,
-            workers=s.workers,
-            cpus_per_worker=cfg.ray.cpus_per_worker,
-            use_gpu=cfg.train.use_gpu,
-            rows_per_batch=s.batch_size,
-            constructor_kwargs=dict(
-                common,
-                batch_size=s.batch_size,
-                max_length=cfg.model.max_length,
-                add_eos=task.add_eos,
-                train_on_prompt=task.train_on_prompt,
-            ),
+        scored = samples
+        if "loss" not in samples.columns:
+            scored = map_with_actors(
+                samples,
+                ScoreActor,
+                workers=s.workers,
+                cpus_per_worker=cfg.ray.cpus_per_worker,
+                use_gpu=cfg.train.use_gpu,
+                rows_per_batch=s.batch_size,
+                constructor_kwargs=dict(
+                    common, batch_size=s.batch_size, max_length=cfg.model.max_length, **scoring
+                ),
+            )
+        scored = scored.assign(
+            correct=task.verify(scored["response"].tolist(), scored["reference"].tolist())
         )
-        scored["correct"] = task.verify(scored["response"].tolist(), scored["reference"].tolist())
         write_parquet(scored, gen.path("scored.parquet"))
         return scored
 

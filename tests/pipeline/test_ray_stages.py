@@ -8,7 +8,13 @@ import pytest
 
 from pipeline.config import TrainConfig
 from pipeline.data import write_parquet
-from pipeline.inference import GenerateActor, ScoreActor, map_with_actors, worker_env
+from pipeline.inference import (
+    GenerateActor,
+    GenerateAndScoreActor,
+    ScoreActor,
+    map_with_actors,
+    worker_env,
+)
 from pipeline.model import example_losses, load_model
 from pipeline.train import TRAIN_STATE, TrainJob, train_generation
 
@@ -67,6 +73,39 @@ def test_generate_then_score_on_an_actor_pool(ray_local, tiny_model_dir):
         batch_size=5,
     )
     assert scored["loss"].to_numpy()[:5] == pytest.approx(local, abs=1e-5)
+
+    # Generating actors that score their own samples give the ScoreActor pool's columns.
+    fused = map_with_actors(
+        POOL,
+        GenerateAndScoreActor,
+        workers=1,
+        use_gpu=False,
+        rows_per_batch=8,
+        constructor_kwargs=dict(
+            common,
+            samples_per_prompt=3,
+            max_new_tokens=4,
+            temperature=1.0,
+            top_p=1.0,
+            batch_size=8,
+            max_length=32,
+            score_batch_size=16,
+            add_eos=True,
+            train_on_prompt=True,
+        ),
+    )
+    rescored = map_with_actors(
+        fused.drop(columns=["loss", "tokens", "length"]),
+        ScoreActor,
+        workers=1,
+        use_gpu=False,
+        rows_per_batch=16,
+        constructor_kwargs=dict(
+            common, batch_size=16, max_length=32, add_eos=True, train_on_prompt=True
+        ),
+    )
+    assert len(fused) == 72 and fused["tokens"].tolist() == rescored["tokens"].tolist()
+    assert fused["loss"].to_numpy() == pytest.approx(rescored["loss"].to_numpy(), abs=1e-5)
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
