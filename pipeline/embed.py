@@ -9,8 +9,8 @@ other HF encoder (a local directory or a hub id) works the same way.
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +49,13 @@ class EmbedActor:
 
         from pipeline.inference import _quiet_transformers
 
-        if Path(model).is_dir():
-            # A local model must never reach for the hub (no network, or a stale hub copy).
-            os.environ["HF_HUB_OFFLINE"] = "1"
+        # A local model must never reach for the hub (no network, or a stale hub copy).
+        local = Path(model).is_dir()
         _quiet_transformers()
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModel.from_pretrained(model).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=local)
+        self.model = AutoModel.from_pretrained(model, local_files_only=local).to(self.device)
+        self.model.eval()
         self.batch_size = batch_size
         self.max_tokens = _max_tokens(model, self.tokenizer)
 
@@ -81,6 +81,22 @@ class EmbedActor:
         batch = batch.copy()
         batch["embedding"] = list(out)
         return batch
+
+
+def embed_here(texts: list[str], *, model: str | None = None) -> np.ndarray:
+    """Like `embed_texts`, in this process, for a few hundred texts: the encoder is loaded
+    once per process and kept, where an actor pool would pay a process start and a model
+    load each call (the per-generation mix sample)."""
+    if len(texts) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    encoder = _encoder_here(model or default_embedding_model())
+    frame = encoder(pd.DataFrame({"text": texts}))
+    return np.stack([np.asarray(row, dtype=np.float32) for row in frame["embedding"]])
+
+
+@functools.lru_cache(maxsize=2)
+def _encoder_here(model: str) -> EmbedActor:
+    return EmbedActor(model, batch_size=64, use_gpu=False)
 
 
 def _max_tokens(model: str, tokenizer) -> int:

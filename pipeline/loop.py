@@ -629,11 +629,16 @@ def mix_similarity(cfg: RunConfig, gen: Generation) -> dict:
     return similarity
 
 
+# A mix sample up to this size is embedded in the driver by an encoder loaded once per run;
+# a larger one on a Ray Data actor pool.
+EMBED_HERE_MAX_ROWS = 4096
+
+
 def _mix_embeddings(cfg: RunConfig, gen: Generation) -> np.ndarray:
     path = gen.path("mix_embeddings.parquet")
     if path.exists():
         return np.stack(pd.read_parquet(path)["embedding"].to_numpy())
-    from pipeline.embed import embed_texts
+    from pipeline.embed import embed_here, embed_texts
 
     frame = _read_mix(gen)
     if len(frame) == 0:
@@ -644,12 +649,15 @@ def _mix_embeddings(cfg: RunConfig, gen: Generation) -> np.ndarray:
     )
     sample = frame.iloc[rows]
     texts = (sample["prompt"].fillna("") + sample["response"].fillna("")).tolist()
-    embeddings = embed_texts(
-        texts,
-        model=cfg.diagnostics.embedding_model,
-        workers=1,
-        cpus_per_worker=cfg.ray.cpus_per_worker,
-    )
+    if len(texts) <= EMBED_HERE_MAX_ROWS:
+        embeddings = embed_here(texts, model=cfg.diagnostics.embedding_model)
+    else:
+        embeddings = embed_texts(
+            texts,
+            model=cfg.diagnostics.embedding_model,
+            workers=cfg.score.workers,
+            cpus_per_worker=cfg.ray.cpus_per_worker,
+        )
     write_parquet(
         pd.DataFrame({"row": rows, "embedding": list(embeddings), "source": sample["source"]}),
         path,

@@ -53,7 +53,7 @@ from pipeline.config import (
     read_yaml_mapping,
     set_dotted,
 )
-from pipeline.loop import GEN0_FREE, copy_generation_zero
+from pipeline.loop import EMBED_HERE_MAX_ROWS, GEN0_FREE, copy_generation_zero
 
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("none", "asha")
@@ -496,15 +496,16 @@ def trial_needs(cfg: RunConfig) -> dict[str, int]:
     """CPUs and GPUs the largest stage of one trial asks for at once.
 
     The stages of a loop run one after another (each finishes before the next asks Ray for
-    anything), so a trial's peak is its largest stage: the Ray Train workers (1 CPU, or
-    1 GPU, each), one of the Ray Data actor pools (generate, score, evaluate: 1 CPU each, plus
-    1 GPU each on GPUs), or a CPU-only stage: the training mix's embedding (1 actor) and data
-    selection's embedding or proxy training."""
+    anything), so a trial's peak is its largest stage: the Ray Train workers, one of the Ray
+    Data actor pools (generate, score, evaluate), or a CPU-only stage (a large training-mix
+    sample's embedding; data selection's embedding or proxy training). Each worker or actor
+    takes `ray.cpus_per_worker` CPUs (1 GPU instead on GPUs; inference actors take both)."""
     from pipeline.select_cmd import SelectOptions
     from selection.selectors import required_features
 
     actors = [cfg.generate.workers, cfg.score.workers, cfg.eval.workers]
-    cpu_only = [1] if cfg.diagnostics.mix_embedding_rows > 0 else []
+    big_mix_sample = cfg.diagnostics.mix_embedding_rows > EMBED_HERE_MAX_ROWS  # else in-trial
+    cpu_only = [cfg.score.workers] if big_mix_sample else []
     if cfg.select.method != "none" and required_features(cfg.select.method) - {"losses"}:
         cpu_only += [cfg.score.workers, SelectOptions().train.workers]
     cpus = cfg.ray.cpus_per_worker or 1

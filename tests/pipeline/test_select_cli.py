@@ -182,7 +182,7 @@ def test_clusterclip_with_shipped_minilm_embeddings(ray_local, gsm8k_100, tmp_pa
 
 
 def test_embed_texts_matches_the_encoder_row_by_row(ray_local):
-    from pipeline.embed import EmbedActor, default_embedding_model, embed_texts
+    from pipeline.embed import EmbedActor, default_embedding_model, embed_here, embed_texts
 
     texts = ["a much longer sentence about clips sold in April and May", "hi", "", "two words"]
     embeddings = embed_texts(texts, model=None, workers=1, batch_size=2)
@@ -191,6 +191,7 @@ def test_embed_texts_matches_the_encoder_row_by_row(ray_local):
     assert embeddings.shape == (4, 384) and embeddings.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(embeddings, expected, atol=1e-5)  # same rows, same order
+    np.testing.assert_allclose(embed_here(texts), expected, atol=1e-5)  # in this process
 
 
 @pytest.mark.slow
