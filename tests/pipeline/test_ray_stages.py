@@ -26,6 +26,11 @@ POOL = pd.DataFrame(
     }
 )
 
+SAMPLING = dict(
+    samples_per_prompt=3, max_new_tokens=4, temperature=1.0, top_p=1.0, batch_size=8, max_length=32
+)
+SCORING = dict(batch_size=16, max_length=32, add_eos=True, train_on_prompt=True)
+
 
 def test_generate_then_score_on_an_actor_pool(ray_local, tiny_model_dir):
     common = dict(model_dir=tiny_model_dir, trust_remote_code=False, use_gpu=False)
@@ -35,15 +40,7 @@ def test_generate_then_score_on_an_actor_pool(ray_local, tiny_model_dir):
         workers=2,
         use_gpu=False,
         rows_per_batch=8,
-        constructor_kwargs=dict(
-            common,
-            samples_per_prompt=3,
-            max_new_tokens=4,
-            temperature=1.0,
-            top_p=1.0,
-            batch_size=8,
-            max_length=32,
-        ),
+        constructor_kwargs=dict(common, **SAMPLING),
     )
     assert len(samples) == 72
     assert samples["prompt_id"].tolist() == [i for i in range(24) for _ in range(3)]
@@ -56,9 +53,7 @@ def test_generate_then_score_on_an_actor_pool(ray_local, tiny_model_dir):
         workers=2,
         use_gpu=False,
         rows_per_batch=16,
-        constructor_kwargs=dict(
-            common, batch_size=16, max_length=32, add_eos=True, train_on_prompt=True
-        ),
+        constructor_kwargs=dict(common, **SCORING),
     )
     assert len(scored) == 72 and {"loss", "tokens", "length"} <= set(scored.columns)
     # The actor's losses equal a single-process computation on the same rows.
@@ -82,16 +77,7 @@ def test_generate_then_score_on_an_actor_pool(ray_local, tiny_model_dir):
         use_gpu=False,
         rows_per_batch=8,
         constructor_kwargs=dict(
-            common,
-            samples_per_prompt=3,
-            max_new_tokens=4,
-            temperature=1.0,
-            top_p=1.0,
-            batch_size=8,
-            max_length=32,
-            score_batch_size=16,
-            add_eos=True,
-            train_on_prompt=True,
+            common, **SAMPLING, score_batch_size=16, add_eos=True, train_on_prompt=True
         ),
     )
     rescored = map_with_actors(
@@ -100,9 +86,7 @@ def test_generate_then_score_on_an_actor_pool(ray_local, tiny_model_dir):
         workers=1,
         use_gpu=False,
         rows_per_batch=16,
-        constructor_kwargs=dict(
-            common, batch_size=16, max_length=32, add_eos=True, train_on_prompt=True
-        ),
+        constructor_kwargs=dict(common, **SCORING),
     )
     assert len(fused) == 72 and fused["tokens"].tolist() == rescored["tokens"].tolist()
     assert fused["loss"].to_numpy() == pytest.approx(rescored["loss"].to_numpy(), abs=1e-5)
