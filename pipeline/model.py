@@ -104,6 +104,15 @@ class Encoded:
 
 def encode_examples(tokenizer, prompts, responses, *, max_length: int, add_eos: bool) -> Encoded:
     """Tokenize (prompt, response) pairs for training or scoring: loss on the response only."""
+    rows = tokenize_examples(tokenizer, prompts, responses, max_length=max_length, add_eos=add_eos)
+    return pad_examples(rows, tokenizer.pad_token_id)
+
+
+def tokenize_examples(
+    tokenizer, prompts, responses, *, max_length: int, add_eos: bool
+) -> list[tuple[list[int], int]]:
+    """Each pair's token ids (start token, prompt, response, EOS), fitted into `max_length`,
+    and the position where its response starts."""
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     start, end = _start_ids(tokenizer), [tokenizer.eos_token_id] if add_eos else []
@@ -111,13 +120,17 @@ def encode_examples(tokenizer, prompts, responses, *, max_length: int, add_eos: 
     for p, r in zip(prompt_ids, response_ids):
         p, r = _fit(p, r + end, max_length - len(start))
         rows.append((start + p + r, len(start) + len(p)))
+    return rows
+
+
+def pad_examples(rows: list[tuple[list[int], int]], pad_token_id: int) -> Encoded:
+    """Rows of `tokenize_examples` as one right-padded batch, labels on the responses."""
     length = max((len(ids) for ids, _ in rows), default=1)
     n = len(rows)
-    input_ids = np.full((n, length), tokenizer.pad_token_id, dtype=np.int64)
+    input_ids = np.full((n, length), pad_token_id, dtype=np.int64)
     attention = np.zeros((n, length), dtype=np.int64)
     labels = np.full((n, length), IGNORE, dtype=np.int64)
     for i, (ids, n_prompt) in enumerate(rows):
-        ids = ids[:length]
         input_ids[i, : len(ids)] = ids
         attention[i, : len(ids)] = 1
         labels[i, n_prompt : len(ids)] = ids[n_prompt:]

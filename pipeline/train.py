@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import ray
 import ray.train
@@ -197,12 +198,11 @@ def _train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     os.environ.update(config["env"])
     import deepspeed
-    import numpy as np
     import torch
     import torch.distributed as dist
 
     from pipeline.inference import _quiet_transformers, use_all_assigned_cpus
-    from pipeline.model import context_length, encode_examples, generate, load_model
+    from pipeline.model import context_length, generate, load_model, pad_examples
 
     _quiet_transformers()
     use_all_assigned_cpus()
@@ -238,7 +238,11 @@ def _train_loop(config: dict) -> None:
         scheduler.step()
 
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
-    shard = ray.train.get_dataset_shard("train")
+    # This worker's shard, tokenized once: every epoch reuses it.
+    rows = _tokenized_shard(ray.train.get_dataset_shard("train"), tokenizer, max_length, job)
+    if len(rows) < micro_batch:
+        raise RuntimeError("the training mix is smaller than one batch per worker")
+    lengths = np.array([len(ids) for ids, _ in rows])
     step, tokens, started = state["step"], 0, time.perf_counter()
     done = step >= job.steps
     if done:
@@ -248,23 +252,9 @@ def _train_loop(config: dict) -> None:
     losses: list[float] = []
     epoch = 0
     while not done:
-        batches = shard.iter_batches(
-            batch_size=micro_batch,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=min(4 * micro_batch, 2048),
-            local_shuffle_seed=job.seed + 1000 * epoch + step,
-        )
-        seen_any = False
-        for batch in batches:
-            seen_any = True
-            enc = encode_examples(
-                tokenizer,
-                batch["prompt"],
-                batch["response"],
-                max_length=max_length,
-                add_eos=job.add_eos,
-            )
+        rng = np.random.default_rng([job.seed, epoch, step])
+        for index in length_bucketed_batches(lengths, micro_batch, rng):
+            enc = pad_examples([rows[i] for i in index], tokenizer.pad_token_id)
             out = engine(
                 input_ids=torch.from_numpy(enc.input_ids).to(engine.device),
                 attention_mask=torch.from_numpy(enc.attention_mask).to(engine.device),
@@ -291,8 +281,6 @@ def _train_loop(config: dict) -> None:
                 _report(engine, tokenizer, state, rank, zero3, final=done)
             if done:
                 break
-        if not seen_any:
-            raise RuntimeError("the training mix is smaller than one batch per worker")
         epoch += 1
     elapsed = time.perf_counter() - started
     # Throughput across workers, for the run's logs (rank 0 wrote the final checkpoint).
@@ -305,6 +293,43 @@ def _train_loop(config: dict) -> None:
             f"({total.item() / max(elapsed, 1e-9):,.0f} tokens/s)",
             flush=True,
         )
+
+
+def _tokenized_shard(shard, tokenizer, max_length: int, job: TrainJob) -> list:
+    """Every (prompt, response) row of a worker's dataset shard as token ids
+    (`model.tokenize_examples`), read and tokenized once."""
+    from pipeline.model import tokenize_examples
+
+    rows = []
+    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+        rows += tokenize_examples(
+            tokenizer,
+            batch["prompt"],
+            batch["response"],
+            max_length=max_length,
+            add_eos=job.add_eos,
+        )
+    return rows
+
+
+def length_bucketed_batches(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """One epoch of batches of row indices, each `batch_size` rows of similar length.
+
+    The rows are shuffled. They are then sorted by length within windows of 64 batches, so a
+    batch carries little padding, and the batches are shuffled again. The last partial batch
+    (random rows each epoch) is dropped, so every worker steps the same number of times.
+    """
+    order = rng.permutation(len(lengths))
+    order = order[: len(order) // batch_size * batch_size]
+    window = 64 * batch_size
+    batches = []
+    for lo in range(0, len(order), window):
+        chunk = order[lo : lo + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def _accuracy(module, tokenizer, job: TrainJob, zero3: bool, generate) -> float:
