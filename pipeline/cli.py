@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     from pipeline import tune
 
     tune.register(commands)
+    from pipeline import selection_study
+
+    selection_study.register(commands)
     from pipeline import bench
 
     bench.register(commands)

@@ -44,6 +44,9 @@ class TrainJob:
     target_accuracy: float | None = None
     eval_every: int = 100
     max_new_tokens: int = 8
+    # Consume the rows in the order of their `position` column, one batch after another,
+    # instead of shuffled length-bucketed epochs: for a sampler's order (ClusterClip).
+    in_order: bool = False
 
 
 def deepspeed_config(cfg: TrainConfig, steps: int) -> dict:
@@ -131,11 +134,12 @@ def train_generation(
     `cpus_per_worker` CPUs and as many torch threads (None: its share of the cluster)."""
     from cluster.connect import cpus_per_worker as share
 
+    columns = ["prompt", "response"] + (["position"] if job.in_order else [])
     if isinstance(data, pd.DataFrame):
         # Rows in memory go straight into the object store: no read tasks to schedule.
-        dataset = ray.data.from_pandas(data[["prompt", "response"]].reset_index(drop=True))
+        dataset = ray.data.from_pandas(data[columns].reset_index(drop=True))
     else:
-        dataset = ray.data.read_parquet(data, columns=["prompt", "response"]).materialize()
+        dataset = ray.data.read_parquet(data, columns=columns).materialize()
     storage = storage_dir if is_uri(storage_dir) else str(Path(storage_dir).resolve())
     loop_config = {
         "job": asdict(job),
@@ -253,7 +257,11 @@ def _train_loop(config: dict) -> None:
     epoch = 0
     while not done:
         rng = np.random.default_rng([job.seed, epoch, step])
-        for index in length_bucketed_batches(lengths, micro_batch, rng):
+        if job.in_order:  # the shard is sorted by position: consecutive rows, no shuffle
+            batches = consecutive_batches(len(rows), micro_batch)
+        else:
+            batches = length_bucketed_batches(lengths, micro_batch, rng)
+        for index in batches:
             enc = pad_examples([rows[i] for i in index], tokenizer.pad_token_id)
             out = engine(
                 input_ids=torch.from_numpy(enc.input_ids).to(engine.device),
@@ -297,10 +305,11 @@ def _train_loop(config: dict) -> None:
 
 def _tokenized_shard(shard, tokenizer, max_length: int, job: TrainJob) -> list:
     """Every (prompt, response) row of a worker's dataset shard as token ids
-    (`model.tokenize_examples`), read and tokenized once."""
+    (`model.tokenize_examples`), read and tokenized once; sorted by `position` for an
+    in-order job."""
     from pipeline.model import tokenize_examples
 
-    rows = []
+    rows, positions = [], []
     for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
         rows += tokenize_examples(
             tokenizer,
@@ -309,7 +318,16 @@ def _tokenized_shard(shard, tokenizer, max_length: int, job: TrainJob) -> list:
             max_length=max_length,
             add_eos=job.add_eos,
         )
+        if job.in_order:
+            positions.append(batch["position"])
+    if job.in_order and rows:
+        rows = [rows[i] for i in np.argsort(np.concatenate(positions), kind="stable")]
     return rows
+
+
+def consecutive_batches(n_rows: int, batch_size: int) -> list[np.ndarray]:
+    """Rows 0..n_rows-1 in order, `batch_size` at a time; a last partial batch is dropped."""
+    return [np.arange(lo, lo + batch_size) for lo in range(0, n_rows - batch_size + 1, batch_size)]
 
 
 def length_bucketed_batches(

@@ -1,5 +1,6 @@
 """Generate, score and train on a real local Ray (actor pools, TorchTrainer + DeepSpeed)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -181,3 +182,25 @@ def test_a_stage_shares_the_clusters_cpus_among_its_workers(ray_local):
     assert alone["threads"].tolist() == [2] * 4  # one actor: both cores
     pinned = map_with_actors(rows, _ThreadsActor, workers=1, cpus_per_worker=1, **common)
     assert pinned["threads"].tolist() == [1] * 4
+
+
+def test_an_in_order_job_reads_its_shard_in_position_order(ray_local, tiny_model_dir):
+    """ClusterClip's order survives Ray Data: a worker sorts its shard by `position`."""
+    import numpy as np
+    import ray
+
+    from pipeline.train import _tokenized_shard, consecutive_batches
+
+    _, tokenizer = load_model(tiny_model_dir)
+    rng = np.random.default_rng(0)
+    positions = rng.permutation(40)
+    rows = pd.DataFrame(
+        {"prompt": "", "response": [f"{p:03d}" for p in positions], "position": positions}
+    )
+    shard = ray.data.from_pandas([rows.iloc[i : i + 10] for i in range(0, 40, 10)]).iterator()
+    job = TrainJob(init_model=tiny_model_dir, steps=1, seed=0, max_length=8, add_eos=True)
+    ordered = _tokenized_shard(shard, tokenizer, 8, dataclasses.replace(job, in_order=True))
+    texts = [tokenizer.decode(ids[start:-1]) for ids, start in ordered]
+    assert texts == [f"{p:03d}" for p in range(40)]
+    batches = consecutive_batches(len(ordered), 16)
+    assert [b.tolist() for b in batches] == [list(range(16)), list(range(16, 32))]

@@ -1,0 +1,94 @@
+"""The selection study's pure parts: documents, draw orders, the weighted loss, summaries."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.selection_study import (
+    OrderingStudy,
+    SubsetStudy,
+    draw_order,
+    mixed_loss,
+    ordering_documents,
+    quick,
+    subsets_summary,
+)
+
+
+@pytest.fixture
+def corpora(tmp_path):
+    text = tmp_path / "text.txt"
+    letters = np.random.default_rng(0).integers(97, 123, size=20_000)
+    text.write_text("".join(map(chr, letters)))
+    rare = tmp_path / "rare.jsonl"
+    rare.write_text("".join(f'{{"question": "q{i}?", "answer": "#### {i}"}}\n' for i in range(100)))
+    return str(text), str(rare)
+
+
+def test_ordering_documents_hold_out_unseen_text_at_the_ratio(corpora):
+    text, rare = corpora
+    study = OrderingStudy(
+        text=text, rare=rare, doc_chars=100, common_docs=120, ratio=20, heldout_docs=10
+    )
+    docs, held = ordering_documents(study)
+    assert (docs.part == "common").sum() == 120 and (docs.part == "rare").sum() == 6
+    assert all(len(d) == 100 for d in docs.loc[docs.part == "common", "response"])
+    # Held-out text comes from the last tenth of the corpus, never from training documents.
+    assert not set(held["common"].response) & set(docs.response)
+    assert not set(held["rare"].response) & set(docs.response)
+    assert len(held["common"]) == 10 and len(held["rare"]) == 10
+
+
+def test_draw_orders_spend_the_same_draws_differently():
+    labels = np.array([0] * 90 + [1] * 10)  # one large, one small cluster
+    n = 4 * len(labels)
+    random = draw_order("random", labels, n, 4, seed=0)
+    assert (np.bincount(random, minlength=100) == 4).all()  # 4 plain epochs
+    balanced = draw_order("balanced", labels, n, 4, seed=0)
+    clipped = draw_order("clusterclip-6", labels, n, 4, seed=0)
+    assert len(balanced) == len(clipped) == n
+    small = labels == 1
+    # Balanced sampling gives the small cluster half of the draws: ~20 per document.
+    assert 0.4 < small[balanced].mean() < 0.6
+    # The clip caps each document at 6 draws, so the small cluster runs dry early.
+    assert np.bincount(clipped, minlength=100).max() <= 6
+    assert small[clipped].sum() == 60 and small[clipped[n // 2 :]].sum() == 0
+    with pytest.raises(ValueError, match="unknown order"):
+        draw_order("sorted", labels, n, 4, seed=0)
+
+
+def test_mixed_loss_weights_the_parts_by_their_training_tokens():
+    docs = pd.DataFrame(
+        {"response": ["x" * 100] * 20 + ["y" * 300], "part": ["common"] * 20 + ["rare"]}
+    )
+    result = {"common_loss": 1.0, "rare_loss": 4.0}
+    # 20 common documents of 100 tokens for every rare one of 300: weights 2000 and 300.
+    assert mixed_loss(result, 20, docs) == pytest.approx((2000 * 1.0 + 300 * 4.0) / 2300)
+
+
+def test_subsets_summary_compares_each_method_with_random_and_full():
+    rows = [dict(method="full", fraction=1.0, seed=0, heldout_loss=2.0)]
+    rows += [dict(method="s2l", fraction=0.1, seed=0, heldout_loss=2.2)]
+    rows += [
+        dict(method="random", fraction=0.1, seed=s, heldout_loss=v)
+        for s, v in enumerate([2.3, 2.5, 2.4])
+    ]
+    text = subsets_summary(pd.DataFrame(rows), SubsetStudy(), 400_000, 50_000)
+    assert "| 0.1 | s2l | 2.2000 | 9.025 | -0.2000 | +0.2000 |" in text
+    assert "| 0.1 | random | 2.4000 ± 0.1000 |" in text
+    assert "8.0x smaller" in text
+
+
+def test_quick_studies_keep_the_proxy_smaller_than_the_target():
+    study = quick(SubsetStudy())
+    assert study.proxy.n_embd * 4 <= study.target.n_embd and study.steps < 10
+    assert quick(OrderingStudy()).epochs == 2
+
+
+def test_a_missing_data_file_is_a_usage_error(tmp_path, capsys):
+    from pipeline.cli import main
+
+    code = main(["selection-study", "subsets", "--out", str(tmp_path), "--data", "nope.jsonl"])
+    assert code == 2
+    assert "--data nope.jsonl: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "cells").exists()  # nothing written for a bad command
