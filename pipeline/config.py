@@ -102,10 +102,14 @@ class CurateConfig:
 
 @dataclass
 class SelectConfig:
-    """Data selection over each generation's curated synthetic rows (labels are always kept)."""
+    """Data selection over each generation's curated synthetic rows (labels are always kept)
+    and/or over the real rows the mix draws from."""
 
     method: str = "none"  # none | random | s2l | clusterclip | loss-lowest | ... (genloop select)
-    budget: float = 0.5  # rows kept: a count (>= 1) or a fraction of the curated rows (< 1)
+    budget: float = 0.5  # rows kept of each selected pool: a count (>= 1) or a fraction (< 1)
+    # synthetic: the curated rows; real: the real rows the mixes draw from (generation 0
+    # still trains on all of them); both: each pool gets the budget.
+    pool: Literal["synthetic", "real", "both"] = "synthetic"
     n_clusters: int = 20  # s2l / clusterclip / semdedup clusters
     proxy_checkpoints: int = 3  # s2l: trajectory length
     proxy_steps: int = 30  # s2l: proxy training steps between checkpoints

@@ -178,7 +178,7 @@ def run_generation(
                 gen,
                 "select",
                 progress,
-                lambda: select_stage(cfg, gen),
+                lambda: select_stage(cfg, task, gen, model),
                 load=lambda: json.loads(gen.path("selection.json").read_text()),
                 describe=_describe_selection,
             )
@@ -403,54 +403,106 @@ def curate_samples_stage(
     )
 
 
-def select_stage(cfg: RunConfig, gen: Generation) -> dict:
-    """Keep `select.budget` of the curated synthetic rows, chosen by `select.method`.
+def select_stage(cfg: RunConfig, task: Task, gen: Generation, model: str) -> dict:
+    """Keep `select.budget` of the curated synthetic rows and/or of the real rows
+    (`select.pool`), chosen by `select.method`.
 
-    Losses come from the score stage (under the current model); embeddings and S2L's loss
-    trajectories are computed on Ray. Writes `selected.parquet` and `selection.json`."""
-    from pipeline.select_cmd import SelectOptions, compute_features, select_rows, take_rows
-    from selection.selectors import required_features
-
+    Synthetic rows' losses come from the score stage (under the current model); real rows
+    are scored by `model` for the loss-* methods. Embeddings and S2L's loss trajectories are
+    computed on Ray. Real rows are selected with the run's seed, so every generation keeps
+    the same ones (copied from the previous generation when no loss under the current
+    model is involved). Writes `selected.parquet` (curated rows kept, labels always),
+    `selected_real.parquet` (with a real pool) and `selection.json`."""
     se = cfg.select
     curated = pd.read_parquet(gen.path("curated.parquet"))
     synthetic = curated[curated["source"] == "synthetic"].reset_index(drop=True)
     labeled = curated[curated["source"] != "synthetic"]
-    budget = se.budget if se.budget < 1 else min(int(se.budget), len(synthetic))
+    summary: dict = {"method": se.method, "pool": se.pool}
+    if se.pool in ("synthetic", "both"):
+        chosen, part = _select_from(
+            cfg, synthetic, gen.path("select_work"), seed=cfg.seed + gen.index
+        )
+        summary.update(part)
+    else:
+        chosen = synthetic
+    write_parquet(pd.concat([chosen, labeled], ignore_index=True), gen.path("selected.parquet"))
+    if se.pool in ("real", "both"):
+        previous = Generation(gen.root, gen.index - 1).path("selected_real.parquet")
+        if gen.index > 1 and previous.exists() and "losses" not in _features(se.method):
+            real = pd.read_parquet(previous)
+            part = json.loads(
+                Generation(gen.root, gen.index - 1).path("selection.json").read_text()
+            )
+            part = part.get("real", part)
+        else:
+            real, part = _select_from(
+                cfg,
+                task.real.reset_index(drop=True),
+                gen.path("select_work_real"),
+                seed=cfg.seed,
+                model=model,
+            )
+        write_parquet(real, gen.path("selected_real.parquet"))
+        if se.pool == "real":
+            summary.update(part)
+        else:
+            summary["real"] = part
+    write_json(summary, gen.path("selection.json"))
+    return summary
+
+
+def _features(method: str) -> set[str]:
+    from selection.selectors import required_features
+
+    return required_features(method)
+
+
+def _select_from(
+    cfg: RunConfig, rows: pd.DataFrame, work_dir, *, seed: int, model: str | None = None
+) -> tuple[pd.DataFrame, dict]:
+    """(`select.budget` of `rows` by `select.method`, what was done). Losses are the rows'
+    `loss` column, or, without one, their scores under `model`."""
+    from pipeline.select_cmd import SelectOptions, compute_features, select_rows, take_rows
+
+    se = cfg.select
+    budget = se.budget if se.budget < 1 else min(int(se.budget), len(rows))
     features: dict[str, np.ndarray] = {}
-    needed = required_features(se.method)
-    if "losses" in needed:
-        features["losses"] = synthetic["loss"].to_numpy(dtype=float)
-    if needed - {"losses"} and len(synthetic):
+    needed = _features(se.method)
+    scored_here = "losses" in needed and "loss" not in rows.columns
+    if "losses" in needed and not scored_here:
+        features["losses"] = rows["loss"].to_numpy(dtype=float)
+    if (needed - {"losses"} or scored_here) and len(rows):
         options = SelectOptions(
             checkpoints=se.proxy_checkpoints,
             steps=se.proxy_steps,
             workers=cfg.score.workers,
             cpus_per_worker=cfg.ray.cpus_per_worker,
             max_length=cfg.model.max_length,
+            model=localize(model) if scored_here else None,
         )
         features.update(
-            compute_features(
-                synthetic, se.method, options, work_dir=gen.path("select_work"), seed=cfg.seed
-            )
+            compute_features(rows, se.method, options, work_dir=work_dir, seed=cfg.seed)
         )
     params = {"n_clusters": se.n_clusters} if se.method in ("s2l", "clusterclip") else {}
-    summary = {"method": se.method, "candidates": len(synthetic)}
-    chosen = synthetic.iloc[:0].assign(cluster=0, selection_reason="")
-    if len(synthetic):
-        selection = select_rows(
-            len(synthetic), se.method, budget, seed=cfg.seed + gen.index, params=params, **features
-        )
-        chosen = take_rows(synthetic, selection)
+    summary: dict = {"candidates": len(rows)}
+    chosen = rows.iloc[:0].assign(cluster=0, selection_reason="")
+    if len(rows):
+        selection = select_rows(len(rows), se.method, budget, seed=seed, params=params, **features)
+        chosen = take_rows(rows, selection)
         summary["cluster_sizes"] = {int(k): int(v) for k, v in selection.cluster_sizes.items()}
         summary["cluster_budget"] = {int(k): int(v) for k, v in selection.cluster_budget.items()}
     summary["selected"] = len(chosen)
-    write_parquet(pd.concat([chosen, labeled], ignore_index=True), gen.path("selected.parquet"))
-    write_json(summary, gen.path("selection.json"))
-    return summary
+    return chosen, summary
 
 
 def _describe_selection(summary: dict) -> str:
-    return f"{summary['method']}: {summary['selected']:,} of {summary['candidates']:,} rows"
+    text = f"{summary['method']}: {summary['selected']:,} of {summary['candidates']:,} rows"
+    if summary.get("pool") == "real":
+        text += " (real)"
+    if "real" in summary:
+        real = summary["real"]
+        text += f"; real {real['selected']:,} of {real['candidates']:,}"
+    return text
 
 
 def mix_stage(cfg: RunConfig, task: Task, gen: Generation, mix_cfg) -> pd.DataFrame:
@@ -463,8 +515,10 @@ def mix_stage(cfg: RunConfig, task: Task, gen: Generation, mix_cfg) -> pd.DataFr
         return pd.read_parquet(selected if selected.exists() else directory.path("curated.parquet"))
 
     synthetic = [curated(g) for g in range(1, gen.index + 1)]
+    selected_real = gen.path("selected_real.parquet")
+    real = pd.read_parquet(selected_real) if selected_real.exists() else task.real
     rng = np.random.default_rng([cfg.seed, _MIX_STREAM, gen.index])
-    training_set = mix(task.real, synthetic, mix_cfg, rng)
+    training_set = mix(real, synthetic, mix_cfg, rng)
     write_parquet(training_set, gen.path("mix.parquet"))
     return training_set
 
