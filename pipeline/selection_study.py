@@ -60,6 +60,9 @@ class SubsetStudy:
     proxy_steps: int = 40  # proxy steps between two trajectory checkpoints
     n_clusters: int = 100  # k-means K for both methods (S2L's official default)
     steps: int = 300  # target training steps, the same for every subset and the full pool
+    # Instead of `steps`: this many passes over each subset (the paper's protocol: a subset
+    # costs what its size costs), so a 10% subset trains a tenth of the full pool's steps.
+    epochs: float | None = None
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             batch_size=16, lr=1e-3, warmup_steps=20, schedule="cosine", workers=1
@@ -142,6 +145,11 @@ def register(commands) -> None:
     parser.add_argument("--data", help=f"subsets: JSONL with question/answer (default {GSM8K})")
     parser.add_argument("--text", help=f"ordering: the large corpus (default {SHAKESPEARE})")
     parser.add_argument("--rare", help=f"ordering: the rare corpus (default {GSM8K})")
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        help="subsets: train each subset this many passes (default: the same steps for all)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's worker logs")
     parser.set_defaults(handler=cmd_selection_study)
@@ -152,8 +160,10 @@ def cmd_selection_study(args: argparse.Namespace, echo: Callable[[str], None] | 
     from pipeline.select_cmd import _with_ray
 
     echo = echo or (lambda line: print(line, flush=True))
+    if args.epochs is not None and (args.study != "subsets" or not args.epochs > 0):
+        raise UsageError(f"--epochs {args.epochs}: a positive number, for the subsets study")
     if args.study == "subsets":
-        study = SubsetStudy(**({"data": args.data} if args.data else {}))
+        study = SubsetStudy(**({"data": args.data} if args.data else {}), epochs=args.epochs)
         run = run_subsets
     else:
         paths = {k: v for k, v in (("text", args.text), ("rare", args.rare)) if v}
@@ -226,7 +236,7 @@ def run_subsets(study: SubsetStudy, out: Path, echo: Callable[[str], None]) -> d
                 {"heldout": heldout},
                 init=init,
                 study=study,
-                steps=study.steps,
+                steps=subset_steps(study, len(chosen)),
                 cell_dir=out / "cells" / name,
             )
 
@@ -242,6 +252,13 @@ def run_subsets(study: SubsetStudy, out: Path, echo: Callable[[str], None]) -> d
     table.to_csv(out / "results.csv", index=False)
     (out / "summary.md").write_text(subsets_summary(table, study, target_params, proxy_params))
     return {"results": table}
+
+
+def subset_steps(study: SubsetStudy, rows: int) -> int:
+    """Training steps for a subset of `rows`: `study.steps`, or `study.epochs` passes."""
+    if study.epochs is None:
+        return study.steps
+    return max(1, math.ceil(study.epochs * rows / study.train.batch_size))
 
 
 def _needs(method: str) -> set[str]:
@@ -294,8 +311,12 @@ def subsets_summary(table: pd.DataFrame, study: SubsetStudy, target: int, proxy:
         "",
         f"Data {study.data}: pool {study.pool_rows}, held-out {study.heldout_rows}. Target "
         f"{target:,} parameters, proxy {proxy:,} ({target / proxy:.1f}x smaller). Every "
-        f"model trains {study.steps} steps x batch {study.train.batch_size} from the same "
-        "initial weights.",
+        + (
+            f"model trains {study.steps} steps"
+            if study.epochs is None
+            else f"subset trains {study.epochs:g} passes (steps in proportion to its size)"
+        )
+        + f" x batch {study.train.batch_size} from the same initial weights.",
         "",
         f"Full pool: loss {full:.4f} (perplexity {math.exp(full):.3f}).",
         "",

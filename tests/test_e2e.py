@@ -38,6 +38,8 @@ def test_two_generations_then_resume_for_a_third(tmp_path, capsys, monkeypatch):
         "curate=none",
         "select.method=loss-lowest",
         "select.budget=0.5",
+        "select.pool=both",
+        "mix.real_fraction=0.2",
         *TINY,
     ]
     assert main(argv) == 0
@@ -61,6 +63,11 @@ def test_two_generations_then_resume_for_a_third(tmp_path, capsys, monkeypatch):
     assert len(selected) == 48 * 4 // 2
     assert selected["loss"].max() <= losses.sort_values().iloc[len(selected) - 1] + 1e-6
     assert table.loc[1, "synthetic"] == len(selected)
+    # select.pool=both: the real rows too, scored by generation 0's model; only those mix in.
+    real = pd.read_parquet(run_dir / "gen_01" / "selected_real.parquet")
+    assert len(real) == 100 and real["selection_reason"].str.contains("loss").all()
+    mix = pd.read_parquet(run_dir / "gen_01" / "mix.parquet")
+    assert set(mix.loc[mix.source == "real", "prompt"]) <= set(real["prompt"])
     metrics = json.loads((run_dir / "gen_01" / "metrics.json").read_text())
     assert metrics["curate"]["kept"] + metrics["curate"]["dropped"] == 48 * 4
     # The mix's drift from the real data, from 32 embedded rows per mix.

@@ -92,3 +92,12 @@ def test_a_missing_data_file_is_a_usage_error(tmp_path, capsys):
     assert code == 2
     assert "--data nope.jsonl: no such file" in capsys.readouterr().err
     assert not (tmp_path / "cells").exists()  # nothing written for a bad command
+
+
+def test_subset_steps_are_equal_or_in_proportion_to_the_subset():
+    from pipeline.selection_study import subset_steps
+
+    assert subset_steps(SubsetStudy(steps=300), 240) == 300
+    study = SubsetStudy(epochs=3)  # batch 16
+    assert subset_steps(study, 2400) == 450 and subset_steps(study, 240) == 45
+    assert subset_steps(study, 5) == 1
