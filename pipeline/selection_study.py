@@ -81,6 +81,7 @@ class OrderingStudy:
     heldout_docs: int = 200  # of each part
     epochs: int = 4  # training consumes epochs x documents draws
     orders: tuple[str, ...] = ("random", "balanced", "clusterclip-5", "clusterclip-8")
+    seeds: tuple[int, ...] = (0,)  # each order is drawn (and a model trained) once per seed
     # Few clusters, so the rare corpus is one small cluster among a few large ones: that is
     # when balanced sampling over-weights it (K ~ N / 200 here).
     n_clusters: int = 10
@@ -150,6 +151,9 @@ def register(commands) -> None:
         type=float,
         help="subsets: train each subset this many passes (default: the same steps for all)",
     )
+    parser.add_argument(
+        "--seeds", help="ordering: comma-separated seeds of the draw orders (default 0)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's worker logs")
     parser.set_defaults(handler=cmd_selection_study)
@@ -160,6 +164,8 @@ def cmd_selection_study(args: argparse.Namespace, echo: Callable[[str], None] | 
     from pipeline.select_cmd import _with_ray
 
     echo = echo or (lambda line: print(line, flush=True))
+    if args.seeds is not None and args.study != "ordering":
+        raise UsageError("--seeds: for the ordering study (subsets draws random with 0,1,2)")
     if args.epochs is not None and (args.study != "subsets" or not args.epochs > 0):
         raise UsageError(f"--epochs {args.epochs}: a positive number, for the subsets study")
     if args.study == "subsets":
@@ -167,7 +173,7 @@ def cmd_selection_study(args: argparse.Namespace, echo: Callable[[str], None] | 
         run = run_subsets
     else:
         paths = {k: v for k, v in (("text", args.text), ("rare", args.rare)) if v}
-        study = OrderingStudy(**paths)
+        study = OrderingStudy(**paths, seeds=_seeds(args.seeds) if args.seeds else (0,))
         run = run_ordering
     if args.quick:
         study = quick(study)
@@ -181,6 +187,15 @@ def cmd_selection_study(args: argparse.Namespace, echo: Callable[[str], None] | 
     _with_ray(lambda: run(study, out, echo), verbose=args.verbose, use_gpu=False, echo=echo)
     echo(f"wrote {out / 'results.csv'} and {out / 'summary.md'}")
     return 0
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    from pipeline.cli import UsageError
+
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: expected integers like 0,1,2") from None
 
 
 # --------------------------------------------------------------------------- subsets
@@ -414,10 +429,11 @@ def run_ordering(study: OrderingStudy, out: Path, echo: Callable[[str], None]) -
     )
     n_draws = study.epochs * len(docs)
     results = []
-    for name in study.orders:
+    for seed, name in ((seed, name) for seed in study.seeds for name in study.orders):
+        cell = f"{name}_seed{seed}"
 
-        def work(name=name) -> dict:
-            order = draw_order(name, labels, n_draws, study.epochs, seed=0)
+        def work(name=name, seed=seed, cell=cell) -> dict:
+            order = draw_order(name, labels, n_draws, study.epochs, seed=seed)
             if len(order) < n_draws:
                 raise ValueError(f"{name}: the clip allows only {len(order)} of {n_draws} draws")
             drawn = docs.iloc[order].reset_index(drop=True).assign(position=np.arange(len(order)))
@@ -427,7 +443,7 @@ def run_ordering(study: OrderingStudy, out: Path, echo: Callable[[str], None]) -
                 init=init,
                 study=study,
                 steps=len(order) // study.train.batch_size,
-                cell_dir=out / "cells" / name,
+                cell_dir=out / "cells" / cell,
                 in_order=True,
             )
             counts = np.bincount(order, minlength=len(docs))
@@ -437,12 +453,12 @@ def run_ordering(study: OrderingStudy, out: Path, echo: Callable[[str], None]) -
             result["rare_share_second_half"] = float(rare[half].mean())
             return result
 
-        result = cached_cell(out / "cells" / f"{name}.json", work)
-        result["order"] = name
+        result = cached_cell(out / "cells" / f"{cell}.json", work)
+        result.update(order=name, seed=seed)
         result["overall_loss"] = mixed_loss(result, study.ratio, docs)
         results.append(result)
         echo(
-            f"  {name:<16} rare {result['rare_loss']:.4f}  common {result['common_loss']:.4f}  "
+            f"  {cell:<22} rare {result['rare_loss']:.4f}  common {result['common_loss']:.4f}  "
             f"mix {result['overall_loss']:.4f}  (rare share of draws "
             f"{result['rare_share_of_draws']:.3f}; {result['seconds']:.0f}s)"
         )
@@ -470,17 +486,23 @@ def ordering_summary(table: pd.DataFrame, study: OrderingStudy, docs: pd.DataFra
         f"{int((docs.part == 'common').sum())} common documents ({study.text}, "
         f"{study.doc_chars} chars) + {int((docs.part == 'rare').sum())} rare ({study.rare}); "
         f"{study.n_clusters} clusters; {study.epochs} x {n} = {study.epochs * n} draws, batch "
-        f"{study.train.batch_size}, consumed in order.",
+        f"{study.train.batch_size}, consumed in order; seeds {', '.join(map(str, study.seeds))} "
+        "(mean ± sd over seeds).",
         "",
         "| order | rare loss | common loss | mix loss (training ratio) | rare share of draws "
         "| in the second half | most draws of one rare doc |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in table.itertuples():
+
+    def spread(values: pd.Series) -> str:
+        sd = f" ± {values.std(ddof=1):.4f}" if len(values) > 1 else ""
+        return f"{values.mean():.4f}{sd}"
+
+    for order, runs in table.groupby("order", sort=False):
         lines.append(
-            f"| {row.order} | {row.rare_loss:.4f} | {row.common_loss:.4f} | "
-            f"{row.overall_loss:.4f} | {row.rare_share_of_draws:.3f} | "
-            f"{row.rare_share_second_half:.3f} | {row.rare_draws_per_doc_max} |"
+            f"| {order} | {spread(runs.rare_loss)} | {spread(runs.common_loss)} | "
+            f"{spread(runs.overall_loss)} | {runs.rare_share_of_draws.mean():.3f} | "
+            f"{runs.rare_share_second_half.mean():.3f} | {runs.rare_draws_per_doc_max.max()} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -101,3 +101,28 @@ def test_subset_steps_are_equal_or_in_proportion_to_the_subset():
     study = SubsetStudy(epochs=3)  # batch 16
     assert subset_steps(study, 2400) == 450 and subset_steps(study, 240) == 45
     assert subset_steps(study, 5) == 1
+
+
+def test_ordering_summary_averages_the_seeds_of_each_order():
+    from pipeline.selection_study import ordering_summary
+
+    docs = pd.DataFrame({"response": ["x"] * 3, "part": ["common", "common", "rare"]})
+    rows = [
+        dict(
+            order=o,
+            seed=s,
+            rare_loss=r,
+            common_loss=1.0,
+            overall_loss=1.5,
+            rare_share_of_draws=0.1,
+            rare_share_second_half=0.0,
+            rare_draws_per_doc_max=m,
+        )
+        for o, s, r, m in [("random", 0, 2.0, 4), ("random", 1, 2.2, 5), ("balanced", 0, 1.8, 9)]
+    ]
+    text = ordering_summary(pd.DataFrame(rows), OrderingStudy(seeds=(0, 1)), docs)
+    assert (
+        "| random | 2.1000 ± 0.1414 | 1.0000 ± 0.0000 | 1.5000 ± 0.0000 | 0.100 | 0.000 | 5 |"
+        in text
+    )
+    assert "| balanced | 1.8000 | 1.0000 | 1.5000 |" in text
