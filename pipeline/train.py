@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.config import TrainConfig
@@ -45,7 +45,8 @@ class TrainJob:
     eval_every: int = 100
     max_new_tokens: int = 8
     # Consume the rows in the order of their `position` column, one batch after another,
-    # instead of shuffled length-bucketed epochs: for a sampler's order (ClusterClip).
+    # instead of shuffled length-bucketed epochs: for a sampler's order (ClusterClip). Every
+    # worker then reads the whole dataset and takes every world-size-th row of that order.
     in_order: bool = False
 
 
@@ -166,6 +167,9 @@ def train_generation(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
+        # An in-order job keeps the order across workers: Ray Data's split would hand one
+        # worker the early rows and another the late ones.
+        dataset_config=DataConfig(datasets_to_split=[] if job.in_order else "all"),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -244,6 +248,8 @@ def _train_loop(config: dict) -> None:
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     # This worker's shard, tokenized once: every epoch reuses it.
     rows = _tokenized_shard(ray.train.get_dataset_shard("train"), tokenizer, max_length, job)
+    if job.in_order:  # every worker has all rows: take this worker's share of the order
+        rows = rows[rank::world]
     if len(rows) < micro_batch:
         raise RuntimeError("the training mix is smaller than one batch per worker")
     lengths = np.array([len(ids) for ids, _ in rows])

@@ -93,15 +93,21 @@ def test_generate_then_score_on_an_actor_pool(ray_local, tiny_model_dir):
     assert fused["loss"].to_numpy() == pytest.approx(rescored["loss"].to_numpy(), abs=1e-5)
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_deepspeed_training_on_two_workers(ray_local, tiny_model_dir, tmp_path, zero_stage):
+@pytest.mark.parametrize("zero_stage, in_order", [(2, False), (3, True)])
+def test_deepspeed_training_on_two_workers(
+    ray_local, tiny_model_dir, tmp_path, zero_stage, in_order
+):
+    """ZeRO 2 and 3; the ZeRO-3 run also consumes its rows in a given order (ClusterClip's)."""
     mix = pd.DataFrame({"prompt": POOL["prompt"], "response": POOL["reference"]})
-    write_parquet(pd.concat([mix] * 4, ignore_index=True), tmp_path / "mix.parquet")
+    mix = pd.concat([mix] * 4, ignore_index=True)
+    write_parquet(mix.assign(position=range(len(mix))[::-1]), tmp_path / "mix.parquet")
     cfg = TrainConfig(
         steps=12, batch_size=8, lr=3e-3, warmup_steps=0, workers=2, checkpoint_every=6
     )
     cfg.deepspeed.zero_stage = zero_stage
-    job = TrainJob(init_model=tiny_model_dir, steps=12, seed=0, max_length=32, add_eos=True)
+    job = TrainJob(
+        init_model=tiny_model_dir, steps=12, seed=0, max_length=32, add_eos=True, in_order=in_order
+    )
     checkpoint = tmp_path / "model"
     state = train_generation(
         job, str(tmp_path / "mix.parquet"), str(tmp_path), cfg, worker_env(), checkpoint
