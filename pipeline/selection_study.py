@@ -203,7 +203,7 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 def run_subsets(study: SubsetStudy, out: Path, echo: Callable[[str], None]) -> dict:
     """Every cell of the subset study (Ray must be up); returns the summary table."""
-    from pipeline.data import read_records
+    from pipeline.data import DataError, read_records
     from pipeline.select_cmd import select_frame
 
     rows = read_records(
@@ -211,7 +211,7 @@ def run_subsets(study: SubsetStudy, out: Path, echo: Callable[[str], None]) -> d
     )[["prompt", "response"]]
     need = study.pool_rows + study.heldout_rows
     if len(rows) < need:
-        raise ValueError(f"{study.data}: {len(rows)} rows, the study needs {need}")
+        raise DataError(f"{study.data}: {len(rows)} rows, the study needs {need}")
     shuffled = rows.sample(frac=1.0, random_state=0).reset_index(drop=True)
     heldout = shuffled.iloc[: study.heldout_rows].reset_index(drop=True)
     pool = shuffled.iloc[study.heldout_rows : need].reset_index(drop=True)
@@ -360,7 +360,7 @@ def ordering_documents(study: OrderingStudy) -> tuple[pd.DataFrame, dict[str, pd
     The large corpus is cut into `doc_chars` pieces; its last tenth is held out, so held-out
     text never overlaps training text. Rare documents are question + answer rows.
     """
-    from pipeline.data import read_records, read_text
+    from pipeline.data import DataError, read_records, read_text
 
     text = read_text(study.text)
     pieces = [text[i : i + study.doc_chars] for i in range(0, len(text), study.doc_chars)]
@@ -374,7 +374,10 @@ def ordering_documents(study: OrderingStudy) -> tuple[pd.DataFrame, dict[str, pd
     rare = (rare["prompt"] + "\n" + rare["response"]).sample(frac=1.0, random_state=0).tolist()
     n_rare = max(1, study.common_docs // study.ratio)
     if len(train_common) < study.common_docs or len(rare) < n_rare + study.heldout_docs:
-        raise ValueError("the corpora are too small for common_docs / heldout_docs")
+        raise DataError(
+            f"{study.text} / {study.rare}: too small for {study.common_docs} + "
+            f"{n_rare} training and {study.heldout_docs} held-out documents per part"
+        )
     docs = pd.DataFrame(
         {
             "prompt": "",
@@ -407,6 +410,7 @@ def draw_order(name: str, labels: np.ndarray, n_draws: int, epochs: int, seed: i
 
 def run_ordering(study: OrderingStudy, out: Path, echo: Callable[[str], None]) -> dict:
     """Every order of the ordering study (Ray must be up); returns the results."""
+    from pipeline.cli import UsageError
     from pipeline.embed import embed_texts
     from selection.clusterclip import embed_clusters
 
@@ -435,7 +439,10 @@ def run_ordering(study: OrderingStudy, out: Path, echo: Callable[[str], None]) -
         def work(name=name, seed=seed, cell=cell) -> dict:
             order = draw_order(name, labels, n_draws, study.epochs, seed=seed)
             if len(order) < n_draws:
-                raise ValueError(f"{name}: the clip allows only {len(order)} of {n_draws} draws")
+                raise UsageError(
+                    f"{name}: the clip allows only {len(order)} of {n_draws} draws; "
+                    f"use R >= epochs ({study.epochs})"
+                )
             drawn = docs.iloc[order].reset_index(drop=True).assign(position=np.arange(len(order)))
             result = train_and_score(
                 drawn,

@@ -37,6 +37,10 @@ def test_ordering_documents_hold_out_unseen_text_at_the_ratio(corpora):
     assert not set(held["common"].response) & set(docs.response)
     assert not set(held["rare"].response) & set(docs.response)
     assert len(held["common"]) == 10 and len(held["rare"]) == 10
+    from pipeline.data import DataError
+
+    with pytest.raises(DataError, match="too small for 5000"):
+        ordering_documents(OrderingStudy(text=text, rare=rare, doc_chars=100, common_docs=5000))
 
 
 def test_draw_orders_spend_the_same_draws_differently():
