@@ -264,8 +264,7 @@ def run_subsets(study: SubsetStudy, out: Path, echo: Callable[[str], None]) -> d
             f"({result['seconds']:.0f}s)"
         )
     table = pd.DataFrame(results)
-    table.to_csv(out / "results.csv", index=False)
-    (out / "summary.md").write_text(subsets_summary(table, study, target_params, proxy_params))
+    write_tables(out, table, subsets_summary(table, study, target_params, proxy_params))
     return {"results": table}
 
 
@@ -470,8 +469,7 @@ def run_ordering(study: OrderingStudy, out: Path, echo: Callable[[str], None]) -
             f"{result['rare_share_of_draws']:.3f}; {result['seconds']:.0f}s)"
         )
     table = pd.DataFrame(results)
-    table.to_csv(out / "results.csv", index=False)
-    (out / "summary.md").write_text(ordering_summary(table, study, docs))
+    write_tables(out, table, ordering_summary(table, study, docs))
     return {"results": table}
 
 
@@ -619,6 +617,15 @@ def heldout_loss(frame: pd.DataFrame, model_dir: str, study) -> tuple[float, int
     tokens = scored["tokens"].to_numpy()
     loss = float((scored["loss"].to_numpy() * tokens).sum() / tokens.sum())
     return loss, int(tokens.sum())
+
+
+def write_tables(out: Path, table: pd.DataFrame, summary: str) -> None:
+    """`results.csv` (one row per cell) and `summary.md`, each written atomically."""
+    from pipeline.data import atomic_path, write_text
+
+    with atomic_path(out / "results.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    write_text(summary, out / "summary.md")
 
 
 def cached_cell(path: Path, work: Callable[[], dict]) -> dict:
