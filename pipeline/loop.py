@@ -27,6 +27,7 @@ from pipeline.mix import composition, mix
 from pipeline.storage import RemoteRun, is_uri, localize
 from pipeline.tasks import Task, make_task
 from pipeline.tracking import Tracker
+from selection.selectors import required_features
 
 # Random streams, so that every stage's randomness is fixed by (seed, stream, generation),
 # whatever ran before it: a resumed stage draws exactly what the first attempt drew.
@@ -428,7 +429,7 @@ def select_stage(cfg: RunConfig, task: Task, gen: Generation, model: str) -> dic
     write_parquet(pd.concat([chosen, labeled], ignore_index=True), gen.path("selected.parquet"))
     if se.pool in ("real", "both"):
         previous = Generation(gen.root, gen.index - 1).path("selected_real.parquet")
-        if gen.index > 1 and previous.exists() and "losses" not in _features(se.method):
+        if gen.index > 1 and previous.exists() and "losses" not in required_features(se.method):
             real = pd.read_parquet(previous)
             part = json.loads(
                 Generation(gen.root, gen.index - 1).path("selection.json").read_text()
@@ -451,12 +452,6 @@ def select_stage(cfg: RunConfig, task: Task, gen: Generation, model: str) -> dic
     return summary
 
 
-def _features(method: str) -> set[str]:
-    from selection.selectors import required_features
-
-    return required_features(method)
-
-
 def _select_from(
     cfg: RunConfig, rows: pd.DataFrame, work_dir, *, seed: int, model: str | None = None
 ) -> tuple[pd.DataFrame, dict]:
@@ -467,7 +462,7 @@ def _select_from(
     se = cfg.select
     budget = se.budget if se.budget < 1 else min(int(se.budget), len(rows))
     features: dict[str, np.ndarray] = {}
-    needed = _features(se.method)
+    needed = required_features(se.method)
     scored_here = "losses" in needed and "loss" not in rows.columns
     if "losses" in needed and not scored_here:
         features["losses"] = rows["loss"].to_numpy(dtype=float)

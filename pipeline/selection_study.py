@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import ModelConfig, TrainConfig
+from selection.selectors import required_features
 
 GSM8K = "../shared/data/gsm8k/train.jsonl"
 SHAKESPEARE = "../shared/data/tinyshakespeare/input.txt"
@@ -244,7 +245,7 @@ def run_subsets(study: SubsetStudy, out: Path, echo: Callable[[str], None]) -> d
                     fraction,
                     seed=seed,
                     params={"n_clusters": study.n_clusters} if method != "random" else None,
-                    **{k: v for k, v in features.items() if k in _needs(method)},
+                    **{k: v for k, v in features.items() if k in required_features(method)},
                 )
             return train_and_score(
                 chosen[["prompt", "response"]],
@@ -275,46 +276,30 @@ def subset_steps(study: SubsetStudy, rows: int) -> int:
     return max(1, math.ceil(study.epochs * rows / study.train.batch_size))
 
 
-def _needs(method: str) -> set[str]:
-    from selection.selectors import required_features
-
-    return required_features(method)
-
-
 def subset_features(study: SubsetStudy, pool: pd.DataFrame, out: Path, echo) -> dict:
-    """Trajectories and embeddings of the pool, computed once (saved as .npy)."""
-    from pipeline.embed import embed_texts
-    from pipeline.trajectories import loss_trajectories
+    """The features the study's methods need (`select_cmd.compute_features`), computed once
+    and saved as .npy."""
+    from pipeline.select_cmd import SelectOptions, compute_features
 
-    features = {}
-    for name in sorted(set().union(*(_needs(m) for m in study.methods))):
-        path = out / "features" / f"{name}.npy"
-        if path.exists():
+    options = SelectOptions(
+        workers=study.workers,
+        checkpoints=study.proxy_checkpoints,
+        steps=study.proxy_steps,
+        max_length=study.max_length,
+        proxy=study.proxy,
+        # Segments continue one another: a constant rate, not one cosine per segment.
+        train=dataclasses.replace(study.train, schedule="constant"),
+    )
+    features: dict[str, np.ndarray] = {}
+    for method in study.methods:
+        for name in required_features(method) - features.keys():
+            path = out / "features" / f"{name}.npy"
+            if not path.exists():
+                computed = compute_features(
+                    pool, method, options, work_dir=out / "proxy", echo=echo
+                )
+                _save_npy(computed[name], path)
             features[name] = np.load(path)
-            continue
-        started = time.perf_counter()
-        if name == "trajectories":
-            value = loss_trajectories(
-                pool,
-                proxy_model=None,
-                checkpoints=study.proxy_checkpoints,
-                steps_per_checkpoint=study.proxy_steps,
-                work_dir=out / "proxy",
-                # Segments continue one another: a constant rate, not one cosine per segment.
-                train_cfg=dataclasses.replace(study.train, schedule="constant"),
-                model_cfg=study.proxy,
-                max_length=study.max_length,
-                workers=study.workers,
-                echo=echo,
-            )
-        elif name == "embeddings":
-            texts = (pool["prompt"] + "\n" + pool["response"]).tolist()
-            value = embed_texts(texts, workers=study.workers)
-        else:
-            raise ValueError(f"the study cannot compute feature {name!r}")
-        echo(f"{name}: {value.shape} in {time.perf_counter() - started:.0f}s")
-        _save_npy(value, path)
-        features[name] = value
     return features
 
 
@@ -586,20 +571,26 @@ def train_and_score(
         "train_seconds": trained,
         "final_train_loss": state["log"][-1]["loss"] if state.get("log") else None,
     }
-    for name, frame in heldout.items():
-        loss, tokens = heldout_loss(frame, str(cell_dir / "model"), study)
+    for name, (loss, tokens) in heldout_losses(heldout, str(cell_dir / "model"), study).items():
         result[f"{name}_loss"], result[f"{name}_tokens"] = loss, tokens
     result["seconds"] = time.perf_counter() - started
     shutil.rmtree(cell_dir / "ray", ignore_errors=True)  # checkpoints: the model is kept
     return result
 
 
-def heldout_loss(frame: pd.DataFrame, model_dir: str, study) -> tuple[float, int]:
-    """(per-token loss over every response token of `frame`, token count) under a model."""
+def heldout_losses(
+    heldout: dict[str, pd.DataFrame], model_dir: str, study
+) -> dict[str, tuple[float, int]]:
+    """name -> (per-token loss over every response token of that set, token count) under a
+    model; every set is scored by one actor pool."""
     from pipeline.inference import ScoreActor, map_with_actors
 
+    rows = pd.concat(
+        [frame[["prompt", "response"]].assign(part=name) for name, frame in heldout.items()],
+        ignore_index=True,
+    )
     scored = map_with_actors(
-        frame[["prompt", "response"]],
+        rows,
         ScoreActor,
         workers=1,
         use_gpu=False,
@@ -614,9 +605,14 @@ def heldout_loss(frame: pd.DataFrame, model_dir: str, study) -> tuple[float, int
             train_on_prompt=True,
         ),
     )
-    tokens = scored["tokens"].to_numpy()
-    loss = float((scored["loss"].to_numpy() * tokens).sum() / tokens.sum())
-    return loss, int(tokens.sum())
+    losses = {}
+    for name, part in scored.groupby("part", sort=False):
+        tokens = part["tokens"].to_numpy()
+        losses[name] = (
+            float((part["loss"].to_numpy() * tokens).sum() / tokens.sum()),
+            int(tokens.sum()),
+        )
+    return losses
 
 
 def write_tables(out: Path, table: pd.DataFrame, summary: str) -> None:

@@ -262,10 +262,10 @@ def _train_loop(config: dict) -> None:
     losses: list[float] = []
     epoch = 0
     while not done:
-        rng = np.random.default_rng([job.seed, epoch, step])
         if job.in_order:  # the shard is sorted by position: consecutive rows, no shuffle
             batches = consecutive_batches(len(rows), micro_batch)
         else:
+            rng = np.random.default_rng([job.seed, epoch, step])
             batches = length_bucketed_batches(lengths, micro_batch, rng)
         for index in batches:
             enc = pad_examples([rows[i] for i in index], tokenizer.pad_token_id)
