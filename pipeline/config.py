@@ -77,7 +77,7 @@ class GenerateConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 256  # prompts per forward batch
-    workers: int = 2  # Ray Data actors, one model each
+    workers: int = 2  # inference workers (Ray actors), one model each
 
 
 @dataclass

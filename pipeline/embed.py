@@ -1,4 +1,4 @@
-"""Sentence embeddings on a Ray Data actor pool (one encoder per actor).
+"""Sentence embeddings on inference workers (`inference.map_with_actors`), one encoder each.
 
 The features behind ClusterClip and SemDeDup: every text becomes the mean of its encoder's
 last hidden states over its real tokens, L2-normalised (the sentence-transformers recipe of

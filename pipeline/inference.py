@@ -1,13 +1,22 @@
 """Ray Data stages that run a model over rows: generate, score, evaluate.
 
-Each stage is an actor class (the model is loaded once per actor) mapped over the rows with
-`map_batches(compute=ActorPoolStrategy(size=workers))`, and a driver function that feeds it a
-frame and returns the finished frame. Every stage finishes before the next asks for CPUs.
+Each stage is a class whose constructor loads the model and whose `__call__` maps a batch of
+rows, and a driver function that feeds it a frame and returns the finished frame. The rows
+go through `map_with_actors`: Ray Data splits them into one shard per worker, and each
+long-lived `ModelWorker` actor runs the stage over its shard.
+
+The workers outlive a call inside `kept_workers()` (the loop holds them for a whole run): the
+next stage, or the next generation, finds processes that have already imported torch and
+transformers and still hold the model they last loaded. Training needs the CPUs/GPUs, so
+`train_generation` hands the workers back first (`release_workers`) and the next inference
+stage starts new ones. Outside `kept_workers()` a call starts its workers and ends them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -61,9 +70,35 @@ class _ModelActor:
         use_all_assigned_cpus()
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        self.model, self.tokenizer = load_model(
+        self.model, self.tokenizer = _load_once(model_dir, trust_remote_code, device, dtype)
+
+
+# The model this process loaded last, and what it was loaded from: a long-lived worker that
+# evaluates generation g and then generates for generation g+1 loads generation g's model once.
+_LOADED: dict = {}
+
+
+def _load_once(model_dir: str, trust_remote_code: bool, device: str, dtype) -> tuple:
+    stamp = _directory_stamp(str(model_dir))
+    key = (str(model_dir), stamp, trust_remote_code, device, dtype)
+    if stamp is None or _LOADED.get("key") != key:
+        _LOADED.clear()  # drop the old model before loading the next
+        _LOADED["key"] = key
+        _LOADED["value"] = load_model(
             model_dir, trust_remote_code=trust_remote_code, device=device, dtype=dtype
         )
+    return _LOADED["value"]
+
+
+def _directory_stamp(path: str) -> tuple | None:
+    """Identity of a local model directory's contents: directories are written whole and
+    renamed into place, so a rewritten one has a new inode or mtime. None for a hub id or a
+    storage URI: those are loaded afresh every time."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_mtime_ns)
 
 
 class GenerateActor(_ModelActor):
@@ -235,27 +270,122 @@ def map_with_actors(
     rows_per_batch: int,
     cpus_per_worker: int | None = None,
 ) -> pd.DataFrame:
-    """Run `actor_cls` over `frame` on a pool of `workers` actors; return the rows in order.
-    Each actor gets `cpus_per_worker` CPUs (None: its share of the cluster, `cpus_per_worker`
-    in cluster.connect)."""
+    """Run the stage class `actor_cls` over `frame` on `workers` ModelWorkers; return the rows
+    in order. Each worker gets `cpus_per_worker` CPUs (None: its share of the cluster,
+    `cpus_per_worker` in cluster.connect), or one GPU with `use_gpu`."""
     from cluster.connect import cpus_per_worker as share
 
     if len(frame) == 0:
         return frame
-    frame = frame.reset_index(drop=True).assign(_row=np.arange(len(frame)))
-    n_blocks = max(1, min(len(frame), workers * 4))
-    parts = [frame.iloc[index] for index in np.array_split(np.arange(len(frame)), n_blocks)]
-    dataset = ray.data.from_pandas(parts)
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": share(workers, cpus_per_worker)}
-    result = dataset.map_batches(
-        actor_cls,
-        fn_constructor_kwargs=constructor_kwargs,
-        batch_format="pandas",
-        batch_size=rows_per_batch,
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        **resources,
-    ).to_pandas()
-    return result.sort_values("_row").drop(columns="_row").reset_index(drop=True)
+    pool = _kept if _kept is not None else ModelWorkers()
+    try:
+        return pool.map(
+            frame,
+            actor_cls,
+            workers=workers,
+            resources=resources,
+            constructor_kwargs=constructor_kwargs,
+            rows_per_batch=rows_per_batch,
+        )
+    finally:
+        if pool is not _kept:
+            pool.release()
+
+
+class ModelWorker:
+    """One long-lived inference process (a Ray actor): runs any stage class over its shard of
+    a Ray Dataset. Torch and transformers are imported once per process, and the stage's model
+    is loaded once per model directory (`_load_once`), however many calls come."""
+
+    def __init__(self):
+        quiet_logs()
+        use_all_assigned_cpus()
+
+    def run(
+        self, shard, stage_cls: type, constructor_kwargs: dict, rows_per_batch: int
+    ) -> pd.DataFrame | None:
+        stage = stage_cls(**constructor_kwargs)
+        outputs = [
+            stage(batch)
+            for batch in shard.iter_batches(batch_size=rows_per_batch, batch_format="pandas")
+        ]
+        return pd.concat(outputs, ignore_index=True) if outputs else None
+
+
+class ModelWorkers:
+    """A pool of ModelWorker actors that stays up between calls while their resources
+    (how many workers, CPUs or GPU each) stay the same."""
+
+    def __init__(self):
+        self.actors: list = []
+        self.resources: dict = {}
+
+    def map(
+        self,
+        frame: pd.DataFrame,
+        stage_cls: type,
+        *,
+        workers: int,
+        resources: dict,
+        constructor_kwargs: dict,
+        rows_per_batch: int,
+    ) -> pd.DataFrame:
+        if (len(self.actors), self.resources) != (workers, resources):
+            self.release()
+            # A worker that dies is restarted and its shard run again: a shard's result
+            # depends only on its rows. "DEFAULT" scheduling: a Tune trial's placement group
+            # (which reserves no CPU) does not capture the workers.
+            actor = ray.remote(ModelWorker).options(
+                **resources, max_restarts=2, max_task_retries=2, scheduling_strategy="DEFAULT"
+            )
+            self.actors, self.resources = [actor.remote() for _ in range(workers)], resources
+        frame = frame.reset_index(drop=True).assign(_row=np.arange(len(frame)))
+        # A few blocks per worker, so that Ray Data's split can balance the shards.
+        n_blocks = max(1, min(len(frame), workers * 4))
+        parts = [frame.iloc[index] for index in np.array_split(np.arange(len(frame)), n_blocks)]
+        # from_blocks describes the blocks here in the driver: from_pandas would ask for a
+        # task per block, and the workers may be holding every CPU.
+        shards = ray.data.from_blocks(parts).split(workers, equal=False)
+        results = ray.get(
+            [
+                worker.run.remote(shard, stage_cls, constructor_kwargs, rows_per_batch)
+                for worker, shard in zip(self.actors, shards)
+            ]
+        )
+        result = pd.concat([part for part in results if part is not None], ignore_index=True)
+        return result.sort_values("_row").drop(columns="_row").reset_index(drop=True)
+
+    def release(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors, self.resources = [], {}
+
+
+# The pool `kept_workers()` holds open, if any.
+_kept: ModelWorkers | None = None
+
+
+@contextlib.contextmanager
+def kept_workers() -> Iterator[None]:
+    """Inside the block, every map_with_actors call reuses one pool of ModelWorkers (until
+    `release_workers`); the pool ends with the block. Nested blocks share the outer pool."""
+    global _kept
+    if _kept is not None:
+        yield
+        return
+    _kept = ModelWorkers()
+    try:
+        yield
+    finally:
+        _kept.release()
+        _kept = None
+
+
+def release_workers() -> None:
+    """Hand the kept inference workers' CPUs/GPUs back to the cluster (before training)."""
+    if _kept is not None:
+        _kept.release()
 
 
 def worker_env() -> dict[str, str]:

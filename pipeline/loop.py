@@ -92,7 +92,7 @@ def run_loop(
     mirror and pushes every finished stage to the URI.
     """
     from cluster.connect import connect
-    from pipeline.inference import quiet_logs, worker_env
+    from pipeline.inference import kept_workers, quiet_logs, worker_env
 
     remote = run_dir if isinstance(run_dir, RemoteRun) else None
     if remote is None and is_uri(run_dir):
@@ -123,18 +123,22 @@ def run_loop(
 
     rows = []
     model, previous = base, None
-    for index in range(cfg.loop.generations + 1):
-        model, metrics = run_generation(
-            cfg, task, Generation(run_dir, index, remote), base, model, previous, progress
-        )
-        rows.append(summary_row(index, metrics))
-        tracker.log(rows[-1])
-        if on_generation is not None:
-            on_generation(rows[-1])
-        previous = metrics
-        if metrics.get("guard", {}).get("stopped"):
-            progress.echo(f"[gen {index}] guard: stopping the loop ({metrics['guard']['reason']})")
-            break
+    # One pool of inference workers serves a generation's evaluation and the next generation's
+    # sampling and scoring; training hands its CPUs/GPUs back in between.
+    with kept_workers():
+        for index in range(cfg.loop.generations + 1):
+            model, metrics = run_generation(
+                cfg, task, Generation(run_dir, index, remote), base, model, previous, progress
+            )
+            rows.append(summary_row(index, metrics))
+            tracker.log(rows[-1])
+            if on_generation is not None:
+                on_generation(rows[-1])
+            previous = metrics
+            if metrics.get("guard", {}).get("stopped"):
+                reason = metrics["guard"]["reason"]
+                progress.echo(f"[gen {index}] guard: stopping the loop ({reason})")
+                break
     table = pd.DataFrame(rows)
     write_parquet(table, run_dir / "metrics.parquet")
     write_text(table.to_csv(index=False), run_dir / "metrics.csv")

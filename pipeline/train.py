@@ -134,7 +134,9 @@ def train_generation(
     model is copied into `model_dir`. Returns the training metrics. Each CPU worker gets
     `cpus_per_worker` CPUs and as many torch threads (None: its share of the cluster)."""
     from cluster.connect import cpus_per_worker as share
+    from pipeline.inference import release_workers
 
+    release_workers()  # the kept inference workers' CPUs/GPUs are the training workers' now
     columns = ["prompt", "response"] + (["position"] if job.in_order else [])
     if isinstance(data, pd.DataFrame):
         # Rows in memory go straight into the object store: no read tasks to schedule.

@@ -13,7 +13,10 @@ from pipeline.inference import (
     GenerateActor,
     GenerateAndScoreActor,
     ScoreActor,
+    _ModelActor,
+    kept_workers,
     map_with_actors,
+    release_workers,
     worker_env,
 )
 from pipeline.model import example_losses, load_model
@@ -210,3 +213,68 @@ def test_an_in_order_job_reads_its_shard_in_position_order(ray_local, tiny_model
     assert texts == [f"{p:03d}" for p in range(40)]
     batches = consecutive_batches(len(ordered), 16)
     assert [b.tolist() for b in batches] == [list(range(16)), list(range(16, 32))]
+
+
+class _ProcessStage(_ModelActor):
+    """Which process ran each row, and which loaded model object it used."""
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import os
+
+        return batch.assign(pid=os.getpid(), model=id(self.model))
+
+
+def _free_cpus(ray, expected: float, timeout_s: float = 10.0) -> float:
+    """The cluster's free CPUs, once they reach `expected` (killed actors free theirs soon)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free = ray.available_resources().get("CPU", 0)
+        if free >= expected or time.monotonic() > deadline:
+            return free
+        time.sleep(0.1)
+
+
+def test_kept_workers_serve_consecutive_stages_and_hand_their_cpus_back(ray_local, tiny_model_dir):
+    rows = pd.DataFrame({"x": range(8)})
+    stage = dict(
+        use_gpu=False,
+        rows_per_batch=2,
+        constructor_kwargs=dict(model_dir=tiny_model_dir, trust_remote_code=False, use_gpu=False),
+    )
+    with kept_workers():
+        first = map_with_actors(rows, _ProcessStage, workers=2, **stage)
+        second = map_with_actors(rows, _ProcessStage, workers=2, **stage)
+        assert first["x"].tolist() == second["x"].tolist() == list(range(8))
+        # The same two processes, each still holding the model it loaded the first time.
+        assert first["pid"].nunique() == 2
+        assert set(zip(first["pid"], first["model"])) == set(zip(second["pid"], second["model"]))
+        assert _free_cpus(ray_local, 2) == 0  # the pool holds the cluster's CPUs meanwhile
+        release_workers()  # what training does first
+        assert _free_cpus(ray_local, 2) == 2
+        third = map_with_actors(rows, _ProcessStage, workers=2, **stage)
+        assert not set(third["pid"]) & set(first["pid"])  # new workers after the release
+        alone = map_with_actors(rows, _ProcessStage, workers=1, **stage)
+        assert alone["pid"].nunique() == 1 and not set(alone["pid"]) & set(third["pid"])
+    assert _free_cpus(ray_local, 2) == 2  # the block's end ends the pool
+    # Outside kept_workers() every call starts its own workers and ends them.
+    once = map_with_actors(rows, _ProcessStage, workers=2, **stage)
+    assert not set(once["pid"]) & set(alone["pid"])
+    assert _free_cpus(ray_local, 2) == 2
+
+
+def test_a_model_directory_is_loaded_once_until_it_is_rewritten(tiny_model_dir, tmp_path):
+    import shutil
+
+    from pipeline.inference import _load_once
+
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, directory)
+    model, _ = _load_once(str(directory), False, "cpu", None)
+    assert _load_once(str(directory), False, "cpu", None)[0] is model
+    # A new generation's model replaces the directory whole (written aside, renamed in).
+    shutil.copytree(tiny_model_dir, tmp_path / "next")
+    shutil.rmtree(directory)
+    (tmp_path / "next").rename(directory)
+    assert _load_once(str(directory), False, "cpu", None)[0] is not model
