@@ -613,6 +613,7 @@ def plain_generation(
 def bench_training(ctx: BenchContext) -> dict:
     """One generation's training: genloop's Ray Train + DeepSpeed path (train_generation) at
     1 and 2 workers vs a plain single-process torch loop, same model, data, steps and batch."""
+    from cluster.connect import cpus_per_worker as share
     from pipeline.inference import worker_env
     from pipeline.model import load_model
     from pipeline.train import TrainJob, train_generation
@@ -631,10 +632,14 @@ def bench_training(ctx: BenchContext) -> dict:
     )
     env = dict(worker_env(), **{bench_probes.PROBE_DIR_ENV: str(ctx.probe_dir)})
     baselines = _baselines(f"plain torch loop, AdamW, batch {t.batch_size}")
-    genloop = {
-        w: PathRuns(f"genloop Ray Train + DeepSpeed ZeRO-{t.deepspeed.zero_stage}, {w} worker(s)")
-        for w in ctx.settings.workers
-    }
+    label = f"genloop Ray Train + DeepSpeed ZeRO-{t.deepspeed.zero_stage}"
+    genloop = {(w, None): PathRuns(f"{label}, {w} worker(s)") for w in ctx.settings.workers}
+    # Scaling adds workers with their own CPUs: the many-worker run is also compared with one
+    # worker given only what each of them gets (on 2 cores: 1 worker with 1 CPU).
+    most = max(ctx.settings.workers)
+    each = share(most, None)
+    if each < share(1, None):
+        genloop[(1, each)] = PathRuns(f"{label}, 1 worker with {each} CPU(s)")
     for rep in range(ctx.settings.repeats):
         for key, runs in baselines.items():
             with torch_threads(runs.threads):
@@ -642,13 +647,19 @@ def bench_training(ctx: BenchContext) -> dict:
             flops = model_flops(n_params, tokens, training=True)
             runs.add(tokens, flops, steady, whole, step_ms=1e3 * steady / t.steps)
             ctx.echo(f"[bench] training {rep + 1}: {key} {tokens / steady:,.0f} tokens/s")
-        for workers, runs in genloop.items():
-            storage = ctx.work_dir / f"train-{workers}w-{rep}"
+        for (workers, cpus), runs in genloop.items():
+            storage = ctx.work_dir / f"train-{workers}w-{cpus}cpu-{rep}"
             train_cfg = dataclasses.replace(t, workers=workers, use_gpu=False)
             with bench_probes.installed():
                 _, whole, start, end = _timed_call(
-                    lambda train_cfg=train_cfg, storage=storage: train_generation(
-                        job, data, str(storage), train_cfg, env, storage / "model"
+                    lambda train_cfg=train_cfg, storage=storage, cpus=cpus: train_generation(
+                        job,
+                        data,
+                        str(storage),
+                        train_cfg,
+                        env,
+                        storage / "model",
+                        cpus_per_worker=cpus,
                     )
                 )
             timing = training_timing(
@@ -665,11 +676,11 @@ def bench_training(ctx: BenchContext) -> dict:
             )
             shutil.rmtree(storage, ignore_errors=True)
             ctx.echo(
-                f"[bench] training {rep + 1}: genloop {workers} worker(s) "
+                f"[bench] training {rep + 1}: {runs.label} "
                 f"{timing['tokens'] / timing['loop_s']:,.0f} tokens/s step loop, "
                 f"{timing['tokens'] / whole:,.0f} whole call"
             )
-    paths = {**baselines, **{f"genloop_{w}w": r for w, r in genloop.items()}}
+    paths = {**baselines, **{_training_path(w, c): r for (w, c), r in genloop.items()}}
     return {
         "what": (
             f"{t.steps} optimizer steps, global batch {t.batch_size}, lr {t.lr}, fp32, "
@@ -680,6 +691,10 @@ def bench_training(ctx: BenchContext) -> dict:
         "flops_per_token": 6 * n_params,
         "paths": {name: runs.to_dict() for name, runs in paths.items()},
     }
+
+
+def _training_path(workers: int, cpus: int | None) -> str:
+    return f"genloop_{workers}w" if cpus is None else f"genloop_{workers}w_{cpus}cpu"
 
 
 def training_rows(ctx: BenchContext) -> pd.DataFrame:

@@ -110,6 +110,23 @@ def test_training_summary_reports_scaling():
     summary = bench.summarize_benchmark("training", raw, {1: 1e9})
     # 1000 tok/s at 1 worker, 1600 at 2: 80% of linear.
     assert summary["scaling"]["steady"] == pytest.approx(0.8)
+    assert summary["scaling_reference"] == "genloop_1w" and "scaling_same_machine" not in summary
+
+
+def test_training_scaling_compares_workers_with_the_same_cpus():
+    raw = _raw_benchmark([1.0], [1.0], [0.625])
+    one_cpu = PathRuns("1 worker with 1 CPU", threads=1)
+    one_cpu.add(1000.0, 2e9, 2.0, 20.0)  # 500 tok/s on one of the two cores
+    raw["paths"]["genloop_1w_1cpu"] = one_cpu.to_dict()
+    summary = bench.summarize_benchmark("training", raw, {1: 1e9})
+    assert summary["scaling_reference"] == "genloop_1w_1cpu"
+    assert summary["scaling"]["steady"] == pytest.approx(1.6)  # 1600 / (2 x 500)
+    assert summary["scaling_same_machine"]["steady"] == pytest.approx(0.8)  # 1600 / (2 x 1000)
+    result = _result()
+    result["benchmarks"]["training"] = summary
+    text = bench.format_markdown(result)
+    assert "same CPUs per worker | | | | 160%" in text
+    assert "vs 1 worker on every CPU | | | | 80%" in text
 
 
 def _stage(generation, name, start, seconds, **extra):
