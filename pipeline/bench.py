@@ -728,8 +728,10 @@ def format_markdown(result: dict) -> str:
         "",
         "## Throughput",
         "",
-        "Steady: compute once actors/workers are up; whole call: what the caller waits for, "
-        "start-up and model load included (both for baselines too). Ratio: genloop / baseline. "
+        "Steady: compute once actors/workers are up (inference workers: a second call on the "
+        "workers of the first, as a run keeps them; the training step loop); whole call: what "
+        "the caller waits for, start-up and model load included (both for baselines too; "
+        "inference workers: the first call, on new workers). Ratio: genloop / baseline. "
         "MFU: model FLOPs (2 x params x tokens forward, 6 x training) per second over the "
         "measured matmul peak at the path's thread count.",
         "",

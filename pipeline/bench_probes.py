@@ -92,6 +92,11 @@ class _Timed:
         return out
 
 
+class TimedModelWorker(inference.ModelWorker):
+    """inference.ModelWorker, unchanged, but defined here: a new worker process then imports
+    genloop's modules through this module, which times that import (the `imports` record)."""
+
+
 class TimedGenerateActor(_Timed, inference.GenerateActor):
     """inference.GenerateActor, timed."""
 
@@ -183,6 +188,7 @@ def installed() -> Iterator[None]:
 
     _UNTIMED["train_loop"] = train._train_loop
     swaps = [
+        (inference, "ModelWorker", TimedModelWorker),
         (inference, "GenerateActor", TimedGenerateActor),
         (inference, "GenerateAndScoreActor", TimedGenerateAndScoreActor),
         (inference, "ScoreActor", TimedScoreActor),

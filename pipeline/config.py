@@ -152,7 +152,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 500
-    workers: int = 1
+    # As many as generate.workers: a run's kept inference workers then serve evaluation and
+    # the next generation's sampling as they are (the same CPUs/GPUs in all is enough).
+    workers: int = 2
     sample_temperature: float = 1.0  # temperature of the samples behind the collapse signals
 
 

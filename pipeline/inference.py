@@ -314,8 +314,10 @@ class ModelWorker:
 
 
 class ModelWorkers:
-    """A pool of ModelWorker actors that stays up between calls while their resources
-    (how many workers, CPUs or GPU each) stay the same."""
+    """A pool of ModelWorker actors that stays up between calls that ask for the same CPUs
+    and GPUs in all: evaluation asking for 1 worker with 2 CPUs runs on the 2 one-CPU
+    workers that generated, rather than waiting for a new pool. A stage's rows do not depend
+    on how many workers share them."""
 
     def __init__(self):
         self.actors: list = []
@@ -331,7 +333,7 @@ class ModelWorkers:
         constructor_kwargs: dict,
         rows_per_batch: int,
     ) -> pd.DataFrame:
-        if (len(self.actors), self.resources) != (workers, resources):
+        if _in_all(len(self.actors), self.resources) != _in_all(workers, resources):
             self.release()
             # A worker that dies is restarted and its shard run again: a shard's result
             # depends only on its rows. "DEFAULT" scheduling: a Tune trial's placement group
@@ -340,6 +342,7 @@ class ModelWorkers:
                 **resources, max_restarts=2, max_task_retries=2, scheduling_strategy="DEFAULT"
             )
             self.actors, self.resources = [actor.remote() for _ in range(workers)], resources
+        workers = len(self.actors)
         frame = frame.reset_index(drop=True).assign(_row=np.arange(len(frame)))
         # A few blocks per worker, so that Ray Data's split can balance the shards.
         n_blocks = max(1, min(len(frame), workers * 4))
@@ -360,6 +363,10 @@ class ModelWorkers:
         for actor in self.actors:
             ray.kill(actor)
         self.actors, self.resources = [], {}
+
+
+def _in_all(workers: int, resources: dict) -> dict:
+    return {name: workers * amount for name, amount in resources.items()} if workers else {}
 
 
 # The pool `kept_workers()` holds open, if any.

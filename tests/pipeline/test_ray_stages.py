@@ -255,8 +255,13 @@ def test_kept_workers_serve_consecutive_stages_and_hand_their_cpus_back(ray_loca
         assert _free_cpus(ray_local, 2) == 2
         third = map_with_actors(rows, _ProcessStage, workers=2, **stage)
         assert not set(third["pid"]) & set(first["pid"])  # new workers after the release
-        alone = map_with_actors(rows, _ProcessStage, workers=1, **stage)
+        # One worker with both CPUs is what the two one-CPU workers hold in all: they serve it.
+        both = map_with_actors(rows, _ProcessStage, workers=1, **stage)
+        assert set(both["pid"]) == set(third["pid"])
+        # One CPU is less than the pool holds: a pool of that size takes its place.
+        alone = map_with_actors(rows, _ProcessStage, workers=1, cpus_per_worker=1, **stage)
         assert alone["pid"].nunique() == 1 and not set(alone["pid"]) & set(third["pid"])
+        assert _free_cpus(ray_local, 1) == 1
     assert _free_cpus(ray_local, 2) == 2  # the block's end ends the pool
     # Outside kept_workers() every call starts its own workers and ends them.
     once = map_with_actors(rows, _ProcessStage, workers=2, **stage)
