@@ -151,6 +151,7 @@ def connect(
     runtime_env = {"env_vars": dict(env or {})}
     where = preflight(address)
     if where.kind == "local":
+        runtime_env["env_vars"] = {**local_train_settings(), **runtime_env["env_vars"]}
         # An explicit "local": a bare ray.init() would attach to any cluster an earlier
         # `ray start` left recorded on this machine, even a dead one.
         ray.init(
@@ -174,6 +175,21 @@ def connect(
     except Exception as e:  # Ray raises ConnectionError, RuntimeError or its own errors
         raise ClusterError(_join_failure(address, e)) from e
     return f"Ray cluster at {address}"
+
+
+# Ray Train settings for a local Ray (one machine): its controller polls the workers every
+# 0.25 s instead of 2 s, so a finished training is seen ~1-2 s sooner, and it starts no
+# node-preemption watcher (there is no other node to drain). Together they take ~4 s off each
+# generation's training on 2 cores. A cluster keeps Ray's defaults.
+LOCAL_TRAIN_SETTINGS = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def local_train_settings() -> dict[str, str]:
+    """LOCAL_TRAIN_SETTINGS, less any the user set in the environment."""
+    return {key: value for key, value in LOCAL_TRAIN_SETTINGS.items() if key not in os.environ}
 
 
 def cpus_per_worker(workers: int, requested: int | None = None) -> int:

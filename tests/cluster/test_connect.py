@@ -135,3 +135,13 @@ def test_genloop_run_with_an_unreachable_address_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "cannot reach the Ray cluster" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()  # refused before any work, like a config error
+
+
+def test_a_local_ray_gets_quick_ray_train_settings_unless_the_user_set_them(monkeypatch):
+    from cluster.connect import LOCAL_TRAIN_SETTINGS, local_train_settings
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    assert local_train_settings() == LOCAL_TRAIN_SETTINGS
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "5")
+    assert local_train_settings() == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}

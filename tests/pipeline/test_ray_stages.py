@@ -180,6 +180,13 @@ class _ThreadsActor:
         return batch.assign(threads=torch.get_num_threads())
 
 
+def test_the_local_ray_passes_its_ray_train_settings_to_every_worker(ray_local):
+    from cluster.connect import local_train_settings
+
+    env = ray_local.get_runtime_context().runtime_env.get("env_vars", {})
+    assert local_train_settings().items() <= env.items()
+
+
 def test_a_stage_shares_the_clusters_cpus_among_its_workers(ray_local):
     from cluster.connect import cpus_per_worker
 
