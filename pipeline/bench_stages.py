@@ -622,7 +622,8 @@ def plain_generation(
 
 def bench_training(ctx: BenchContext) -> dict:
     """One generation's training: genloop's Ray Train + DeepSpeed path (train_generation) at
-    1 and 2 workers vs a plain single-process torch loop, same model, data, steps and batch."""
+    1 and 2 workers, and at 1 worker with the CPUs each of the 2 has (for scaling), vs a plain
+    single-process torch loop, same model, data, steps and batch."""
     from cluster.connect import cpus_per_worker as share
     from pipeline.inference import worker_env
     from pipeline.model import load_model

@@ -360,8 +360,9 @@ class ModelWorkers:
         return result.sort_values("_row").drop(columns="_row").reset_index(drop=True)
 
     def release(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
+        if ray.is_initialized():  # else the workers ended with Ray
+            for actor in self.actors:
+                ray.kill(actor)
         self.actors, self.resources = [], {}
 
 
