@@ -186,7 +186,7 @@ class DiagnosticsConfig:
 class RayConfig:
     address: str | None = None  # None: start a local Ray for the run; or auto / ray://... / a URL
     num_cpus: int | None = None  # local Ray only; None: every core
-    # CPUs (and torch threads) per Ray Data actor and Ray Train worker. None: a stage's
+    # CPUs (and torch threads) per inference worker and Ray Train worker. None: a stage's
     # workers share the cluster's CPUs (one worker on 2 cores gets both).
     cpus_per_worker: int | None = None
 

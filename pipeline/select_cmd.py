@@ -47,7 +47,7 @@ _MANAGED_TRAIN_KEYS = {"steps": "steps", "checkpoint_every": "checkpoints"}
 class SelectOptions:
     """How the features are computed, and the method's own parameters."""
 
-    workers: int = 2  # Ray Data actors embedding or scoring, one model each
+    workers: int = 2  # inference workers embedding or scoring, one model each
     cpus_per_worker: int | None = None  # per actor / proxy worker; None: a share of the cluster
     batch_size: int = 64  # rows per forward pass inside an actor
     use_gpu: bool = False  # actors and proxy training on GPUs
@@ -67,7 +67,7 @@ class SelectOptions:
 
 # key -> (type, what it means); the keys a method accepts are listed by `valid_keys`.
 OPTION_KEYS: dict[str, tuple[type, str]] = {
-    "workers": (int, "Ray Data actors for embedding / scoring (default 2)"),
+    "workers": (int, "inference workers for embedding / scoring (default 2)"),
     "batch_size": (int, "rows per forward pass in an actor (default 64)"),
     "use_gpu": (bool, "run actors and proxy training on GPUs (default false)"),
     "embedding_model": (str, "encoder dir or hub id (default: shipped all-MiniLM-L6-v2)"),

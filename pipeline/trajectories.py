@@ -3,7 +3,7 @@
     proxy (a tiny GPT-2 from config, or a model you name)
       -> T training segments of `steps_per_checkpoint` steps (Ray Train + DeepSpeed),
          each continuing from the previous segment's checkpoint
-      -> after each segment, every example's mean response-token loss (Ray Data actors)
+      -> after each segment, every example's mean response-token loss (inference workers)
       -> an (N, T) matrix, also written to `work_dir/trajectories.parquet`
 
 Why segments: `train_generation` keeps only the newest two Ray Train checkpoints
@@ -103,8 +103,9 @@ def score_losses(
 ) -> np.ndarray:
     """(N,) mean response-token loss of each (prompt, response) row under one model.
 
-    Runs `ScoreActor` on `workers` Ray Data actors. Rows longer than `max_length` lose the
-    start of the prompt first (`model.encode_examples`); NaN for an empty response.
+    Runs `ScoreActor` on `workers` inference workers (`map_with_actors`). Rows longer than
+    `max_length` lose the start of the prompt first (`model.encode_examples`); NaN for an
+    empty response.
     """
     from pipeline.inference import ScoreActor, map_with_actors
 

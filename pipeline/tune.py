@@ -607,8 +607,10 @@ def _trial(config: dict, *, base: dict, runs_dir: str, gen0_dir: str | None) -> 
 
 
 def _trial_resources(trainable):
-    """The trainable itself reserves no CPU: every CPU a trial uses is asked for by its Ray
-    Data actors and Ray Train workers, outside the trial's placement group. A 1 MiB memory
+    """The trainable itself reserves no CPU: every CPU a trial uses is asked for by its
+    inference workers and Ray Train workers, outside the trial's placement group. A trial
+    never holds CPUs while it waits for more: its inference workers are handed back before
+    it asks for training workers (`train_generation`). A 1 MiB memory
     reservation stands in, because Tune needs a non-empty bundle."""
     from ray import tune
 
