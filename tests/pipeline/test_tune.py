@@ -244,7 +244,14 @@ def test_trials_take_one_cpu_per_worker_unless_told():
 def test_a_trial_needs_its_largest_stage():
     assert trial_needs(RunConfig()) == {"CPU": 2, "GPU": 0}  # 2 train workers, 2 actors
     one = load_config(
-        None, ["train.workers=1", "generate.workers=1", "score.workers=1", "train.batch_size=16"]
+        None,
+        [
+            "train.workers=1",
+            "generate.workers=1",
+            "score.workers=1",
+            "eval.workers=1",
+            "train.batch_size=16",
+        ],
     )
     assert trial_needs(one) == {"CPU": 1, "GPU": 0}
     s2l = load_config(None, ["generate.workers=1", "score.workers=1", "train.workers=1"])
