@@ -449,7 +449,7 @@ TINY = {
     "train": {"steps": 6, "batch_size": 16, "lr": 3e-3, "workers": 1},
     "generate": {"batch_size": 64, "workers": 1},
     "score": {"workers": 1},
-    "eval": {"batch_size": 24},
+    "eval": {"batch_size": 24, "workers": 1},
     "diagnostics": {"mix_embedding_rows": 0},
     # A loose filter keeps samples even from a model that gets nothing right.
     "curate": {"strategy": "filter+labels-hard", "gamma": 0.1},
