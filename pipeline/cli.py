@@ -28,6 +28,14 @@ class UsageError(ValueError):
     """A command-line mistake: wrong flags together, a run dir that is not what was asked."""
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """`--seeds 0,1,2` as integers; UsageError for anything else."""
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: expected integers like 0,1,2") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come before, between or after the options (`run --config X a=1 --run-dir Y

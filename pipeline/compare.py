@@ -74,16 +74,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import ray
 
     from cluster.connect import connect
-    from pipeline.cli import UsageError
+    from pipeline.cli import parse_seeds
     from pipeline.config import load_config
     from pipeline.inference import worker_env
     from pipeline.loop import Progress, run_loop
     from pipeline.tasks import make_task
 
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise UsageError(f"--seeds {args.seeds!r}: expected integers like 0,1,2") from None
+    seeds = parse_seeds(args.seeds)
     grid = variants(args.vary)
     # Validate every run's config before any work starts.
     runs = []

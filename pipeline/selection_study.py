@@ -161,7 +161,7 @@ def register(commands) -> None:
 
 
 def cmd_selection_study(args: argparse.Namespace, echo: Callable[[str], None] | None = None) -> int:
-    from pipeline.cli import UsageError
+    from pipeline.cli import UsageError, parse_seeds
     from pipeline.select_cmd import _with_ray
 
     echo = echo or (lambda line: print(line, flush=True))
@@ -174,7 +174,8 @@ def cmd_selection_study(args: argparse.Namespace, echo: Callable[[str], None] | 
         run = run_subsets
     else:
         paths = {k: v for k, v in (("text", args.text), ("rare", args.rare)) if v}
-        study = OrderingStudy(**paths, seeds=_seeds(args.seeds) if args.seeds else (0,))
+        seeds = {"seeds": parse_seeds(args.seeds)} if args.seeds else {}
+        study = OrderingStudy(**paths, **seeds)
         run = run_ordering
     if args.quick:
         study = quick(study)
@@ -188,15 +189,6 @@ def cmd_selection_study(args: argparse.Namespace, echo: Callable[[str], None] | 
     _with_ray(lambda: run(study, out, echo), verbose=args.verbose, use_gpu=False, echo=echo)
     echo(f"wrote {out / 'results.csv'} and {out / 'summary.md'}")
     return 0
-
-
-def _seeds(text: str) -> tuple[int, ...]:
-    from pipeline.cli import UsageError
-
-    try:
-        return tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise UsageError(f"--seeds {text!r}: expected integers like 0,1,2") from None
 
 
 # --------------------------------------------------------------------------- subsets
@@ -290,17 +282,15 @@ def subset_features(study: SubsetStudy, pool: pd.DataFrame, out: Path, echo) -> 
         # Segments continue one another: a constant rate, not one cosine per segment.
         train=dataclasses.replace(study.train, schedule="constant"),
     )
-    features: dict[str, np.ndarray] = {}
+    names = set().union(*(required_features(method) for method in study.methods))
+    path = {name: out / "features" / f"{name}.npy" for name in names}
     for method in study.methods:
-        for name in required_features(method) - features.keys():
-            path = out / "features" / f"{name}.npy"
-            if not path.exists():
-                computed = compute_features(
-                    pool, method, options, work_dir=out / "proxy", echo=echo
-                )
-                _save_npy(computed[name], path)
-            features[name] = np.load(path)
-    return features
+        if any(not path[name].exists() for name in required_features(method)):
+            computed = compute_features(pool, method, options, work_dir=out / "proxy", echo=echo)
+            for name, value in computed.items():
+                if not path[name].exists():
+                    _save_npy(value, path[name])
+    return {name: np.load(file) for name, file in path.items()}
 
 
 def subsets_summary(table: pd.DataFrame, study: SubsetStudy, target: int, proxy: int) -> str:
