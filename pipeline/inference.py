@@ -8,7 +8,8 @@ long-lived `ModelWorker` actor runs the stage over its shard.
 The workers outlive a call inside `kept_workers()` (the loop holds them for a whole run): the
 next stage, or the next generation, finds processes that have already imported torch and
 transformers and still hold the model they last loaded. Training needs the CPUs/GPUs, so
-`train_generation` hands the workers back first (`release_workers`) and the next inference
+`train_generation` hands them back first (`release_workers`): CPU workers wait idle, holding
+no CPU, and the next inference stage leases their CPUs again; GPU workers end, and the next
 stage starts new ones. Outside `kept_workers()` a call starts its workers and ends them.
 """
 
@@ -290,17 +291,23 @@ def map_with_actors(
         )
     finally:
         if pool is not _kept:
-            pool.release()
+            pool.end()
 
 
 class ModelWorker:
     """One long-lived inference process (a Ray actor): runs any stage class over its shard of
     a Ray Dataset. Torch and transformers are imported once per process, and the stage's model
-    is loaded once per model directory (`_load_once`), however many calls come."""
+    is loaded once per model directory (`_load_once`), however many calls come. `threads`: the
+    torch threads of a worker whose CPUs a lease holds (None: one per CPU Ray assigned it)."""
 
-    def __init__(self):
+    def __init__(self, threads: int | None = None):
+        import torch
+
         quiet_logs()
-        use_all_assigned_cpus()
+        if threads:
+            torch.set_num_threads(threads)
+        else:
+            use_all_assigned_cpus()
 
     def run(
         self, shard, stage_cls: type, constructor_kwargs: dict, rows_per_batch: int
@@ -317,11 +324,19 @@ class ModelWorkers:
     """A pool of ModelWorker actors that stays up between calls that ask for the same CPUs
     and GPUs in all: evaluation asking for 1 worker with 2 CPUs runs on the 2 one-CPU
     workers that generated, rather than waiting for a new pool. A stage's rows do not depend
-    on how many workers share them."""
+    on how many workers share them.
+
+    CPU workers hold no CPUs themselves: a placement group, the lease, holds each worker's
+    CPUs on its node. `release` (before training) hands the lease back and leaves the
+    processes idle, with their imports and their model; the next call leases the same CPUs
+    on the same nodes again, in milliseconds where new processes take seconds. A GPU worker
+    holds its GPU itself, and `release` ends it: its GPU memory is the trainer's."""
 
     def __init__(self):
         self.actors: list = []
         self.resources: dict = {}
+        self.nodes: list[str] = []  # each CPU worker's node
+        self.lease = None  # the placement group holding the CPU workers' CPUs, while held
 
     def map(
         self,
@@ -333,15 +348,7 @@ class ModelWorkers:
         constructor_kwargs: dict,
         rows_per_batch: int,
     ) -> pd.DataFrame:
-        if _in_all(len(self.actors), self.resources) != _in_all(workers, resources):
-            self.release()
-            # A worker that dies is restarted and its shard run again: a shard's result
-            # depends only on its rows. "DEFAULT" scheduling: a Tune trial's placement group
-            # (which reserves no CPU) does not capture the workers.
-            actor = ray.remote(ModelWorker).options(
-                **resources, max_restarts=2, max_task_retries=2, scheduling_strategy="DEFAULT"
-            )
-            self.actors, self.resources = [actor.remote() for _ in range(workers)], resources
+        self._ready(workers, resources)
         workers = len(self.actors)
         frame = frame.reset_index(drop=True).assign(_row=np.arange(len(frame)))
         # A few blocks per worker, so that Ray Data's split can balance the shards.
@@ -359,11 +366,99 @@ class ModelWorkers:
         result = pd.concat([part for part in results if part is not None], ignore_index=True)
         return result.sort_values("_row").drop(columns="_row").reset_index(drop=True)
 
+    def _ready(self, workers: int, resources: dict) -> None:
+        """Workers that hold `resources` each, `workers` of them or the same in all."""
+        if _in_all(len(self.actors), self.resources) != _in_all(workers, resources):
+            self.end()
+        elif self.actors and self.lease is None and "num_cpus" in self.resources:
+            if _all_alive(self.nodes):
+                self.lease = _lease(self.resources["num_cpus"], self.nodes)
+            else:  # a node left while the workers were idle: start again elsewhere
+                self.end()
+        if not self.actors:
+            self._start(workers, resources)
+
+    def _start(self, workers: int, resources: dict) -> None:
+        # A worker that dies is restarted and its shard run again: a shard's result depends
+        # only on its rows.
+        actor = ray.remote(ModelWorker)
+        retry = dict(max_restarts=2, max_task_retries=2)
+        if "num_gpus" in resources:
+            # "DEFAULT" scheduling: a Tune trial's placement group (which reserves no
+            # CPU) does not capture the workers.
+            self.actors = [
+                actor.options(**resources, **retry, scheduling_strategy="DEFAULT").remote()
+                for _ in range(workers)
+            ]
+        else:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            cpus = resources["num_cpus"]
+            self.lease = _lease(cpus, [None] * workers)
+            self.nodes = _bundle_nodes(self.lease, workers)
+            self.actors = [
+                actor.options(
+                    num_cpus=0,
+                    **retry,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                ).remote(threads=max(1, int(cpus)))
+                for node in self.nodes
+            ]
+        self.resources = resources
+
     def release(self) -> None:
+        """Hand the workers' CPUs/GPUs back: CPU workers stay, idle; GPU workers end."""
+        if "num_cpus" not in self.resources:
+            self.end()
+        elif self.lease is not None:
+            _remove_lease(self.lease)
+            self.lease = None
+
+    def end(self) -> None:
+        """End the workers and hand back what they hold."""
         if ray.is_initialized():  # else the workers ended with Ray
             for actor in self.actors:
                 ray.kill(actor)
-        self.actors, self.resources = [], {}
+            if self.lease is not None:
+                _remove_lease(self.lease)
+        self.actors, self.resources, self.nodes, self.lease = [], {}, [], None
+
+
+def _lease(cpus_each: float, nodes: list[str | None]):
+    """A placement group holding `cpus_each` CPUs per worker, on the given nodes (None: where
+    Ray finds room, packed). Waits until Ray grants it."""
+    from ray.util.placement_group import placement_group
+
+    selectors = None
+    if any(node is not None for node in nodes):
+        selectors = [{NODE_ID_LABEL: node} for node in nodes]
+    lease = placement_group(
+        [{"CPU": cpus_each}] * len(nodes), strategy="PACK", bundle_label_selector=selectors
+    )
+    ray.get(lease.ready())
+    return lease
+
+
+def _remove_lease(lease) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    remove_placement_group(lease)
+
+
+def _bundle_nodes(lease, n: int) -> list[str]:
+    from ray.util.placement_group import placement_group_table
+
+    placed = placement_group_table(lease)["bundles_to_node_id"]
+    return [placed[i] for i in range(n)]
+
+
+def _all_alive(nodes: list[str]) -> bool:
+    alive = {node["NodeID"] for node in ray.nodes() if node.get("Alive", False)}
+    return set(nodes) <= alive
+
+
+# The label Ray gives every node: its node id.
+NODE_ID_LABEL = "ray.io/node-id"
 
 
 def _in_all(workers: int, resources: dict) -> dict:
@@ -386,12 +481,13 @@ def kept_workers() -> Iterator[None]:
     try:
         yield
     finally:
-        _kept.release()
+        _kept.end()
         _kept = None
 
 
 def release_workers() -> None:
-    """Hand the kept inference workers' CPUs/GPUs back to the cluster (before training)."""
+    """Hand the kept inference workers' CPUs/GPUs back to the cluster (before training): CPU
+    workers wait, idle, for the next stage; GPU workers end."""
     if _kept is not None:
         _kept.release()
 

@@ -260,8 +260,11 @@ def test_kept_workers_serve_consecutive_stages_and_hand_their_cpus_back(ray_loca
         assert _free_cpus(ray_local, 2) == 0  # the pool holds the cluster's CPUs meanwhile
         release_workers()  # what training does first
         assert _free_cpus(ray_local, 2) == 2
+        # The idle workers held no CPU; the next call leases the CPUs again for the same
+        # processes, which still hold their model.
         third = map_with_actors(rows, _ProcessStage, workers=2, **stage)
-        assert not set(third["pid"]) & set(first["pid"])  # new workers after the release
+        assert set(zip(third["pid"], third["model"])) == set(zip(first["pid"], first["model"]))
+        assert _free_cpus(ray_local, 2) == 0
         # One worker with both CPUs is what the two one-CPU workers hold in all: they serve it.
         both = map_with_actors(rows, _ProcessStage, workers=1, **stage)
         assert set(both["pid"]) == set(third["pid"])
