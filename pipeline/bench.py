@@ -456,6 +456,10 @@ def summarize_benchmark(name: str, raw: dict, peaks: dict[int, float]) -> dict:
         out["scaling"] = _scaling(paths, one)
         if one != "genloop_1w":
             out["scaling_same_machine"] = _scaling(paths, "genloop_1w")
+        if "genloop_2w_weak" in paths:
+            # Weak scaling, the usual data-parallel measure: each worker keeps the batch one
+            # worker had, so 2 workers train a global batch twice as large.
+            out["scaling_weak"] = _scaling(paths, one, many="genloop_2w_weak")
     return out
 
 
@@ -465,11 +469,9 @@ def scaling_reference(paths: dict) -> str:
     return same[0] if same else "genloop_1w"
 
 
-def _scaling(paths: dict, one: str) -> dict:
+def _scaling(paths: dict, one: str, many: str = "genloop_2w") -> dict:
     return {
-        kind: scaling_efficiency(
-            paths[one][f"{kind}_per_s"], paths["genloop_2w"][f"{kind}_per_s"], 2
-        )
+        kind: scaling_efficiency(paths[one][f"{kind}_per_s"], paths[many][f"{kind}_per_s"], 2)
         for kind in ("steady", "whole")
     }
 
@@ -644,6 +646,13 @@ def explain(key: str, b: dict) -> str:
                 f"with {reference.get('threads') or '?'} thread(s) "
                 f"(linear scaling: {step_one / 2:.1f} ms)"
             )
+            weak = bench.get("scaling_weak", {}).get("steady")
+            if weak is not None:
+                step_weak = p["genloop_2w_weak"]["extra_median"].get("step_ms") or 0
+                parts.append(
+                    f"with the batch per worker of 1 worker (weak scaling) {weak:.0%}: "
+                    f"step {step_weak:.1f} ms at 2 workers vs {step_one:.1f} ms at 1"
+                )
         e = one["extra_median"]
         if e.get("startup_s") is not None:
             parts.append(
@@ -762,6 +771,7 @@ def format_markdown(result: dict) -> str:
             )
         scalings = [
             ("scaling", "same CPUs per worker"),
+            ("scaling_weak", "same CPUs and batch per worker (weak scaling)"),
             ("scaling_same_machine", "vs 1 worker on every CPU"),
         ]
         for field_name, what in scalings:

@@ -623,7 +623,9 @@ def plain_generation(
 def bench_training(ctx: BenchContext) -> dict:
     """One generation's training: genloop's Ray Train + DeepSpeed path (train_generation) at
     1 and 2 workers, and at 1 worker with the CPUs each of the 2 has (for scaling), vs a plain
-    single-process torch loop, same model, data, steps and batch."""
+    single-process torch loop, same model, data, steps and batch. For weak scaling, the most
+    workers also train with the batch per worker that one worker has (the global batch times
+    the workers)."""
     from cluster.connect import cpus_per_worker as share
     from pipeline.inference import worker_env
     from pipeline.model import load_model
@@ -644,13 +646,18 @@ def bench_training(ctx: BenchContext) -> dict:
     env = dict(worker_env(), **{bench_probes.PROBE_DIR_ENV: str(ctx.probe_dir)})
     baselines = _baselines(f"plain torch loop, AdamW, batch {t.batch_size}")
     label = f"genloop Ray Train + DeepSpeed ZeRO-{t.deepspeed.zero_stage}"
-    genloop = {(w, None): PathRuns(f"{label}, {w} worker(s)") for w in ctx.settings.workers}
+    batch = t.batch_size
+    genloop = {(w, None, batch): PathRuns(f"{label}, {w} worker(s)") for w in ctx.settings.workers}
     # Scaling adds workers with their own CPUs: the many-worker run is also compared with one
     # worker given only what each of them gets (on 2 cores: 1 worker with 1 CPU).
     most = max(ctx.settings.workers)
     each = share(most, None)
     if each < share(1, None):
-        genloop[(1, each)] = PathRuns(f"{label}, 1 worker with {each} CPU(s)")
+        genloop[(1, each, batch)] = PathRuns(f"{label}, 1 worker with {each} CPU(s)")
+    if most > 1:
+        genloop[(most, None, batch * most)] = PathRuns(
+            f"{label}, {most} worker(s), global batch {batch * most} ({batch} per worker)"
+        )
     for rep in range(ctx.settings.repeats):
         for key, runs in baselines.items():
             with torch_threads(runs.threads):
@@ -658,9 +665,11 @@ def bench_training(ctx: BenchContext) -> dict:
             flops = model_flops(n_params, tokens, training=True)
             runs.add(tokens, flops, steady, whole, step_ms=1e3 * steady / t.steps)
             ctx.echo(f"[bench] training {rep + 1}: {key} {tokens / steady:,.0f} tokens/s")
-        for (workers, cpus), runs in genloop.items():
-            storage = ctx.work_dir / f"train-{workers}w-{cpus}cpu-{rep}"
-            train_cfg = dataclasses.replace(t, workers=workers, use_gpu=False)
+        for (workers, cpus, batch_size), runs in genloop.items():
+            storage = ctx.work_dir / f"train-{workers}w-{cpus}cpu-{batch_size}-{rep}"
+            train_cfg = dataclasses.replace(
+                t, workers=workers, use_gpu=False, batch_size=batch_size
+            )
             with bench_probes.installed():
                 _, whole, start, end = _timed_call(
                     lambda train_cfg=train_cfg, storage=storage, cpus=cpus: train_generation(
@@ -691,7 +700,10 @@ def bench_training(ctx: BenchContext) -> dict:
                 f"{timing['tokens'] / timing['loop_s']:,.0f} tokens/s step loop, "
                 f"{timing['tokens'] / whole:,.0f} whole call"
             )
-    paths = {**baselines, **{_training_path(w, c): r for (w, c), r in genloop.items()}}
+    paths = {
+        **baselines,
+        **{_training_path(w, c, b != batch): r for (w, c, b), r in genloop.items()},
+    }
     return {
         "what": (
             f"{t.steps} optimizer steps, global batch {t.batch_size}, lr {t.lr}, fp32, "
@@ -704,8 +716,11 @@ def bench_training(ctx: BenchContext) -> dict:
     }
 
 
-def _training_path(workers: int, cpus: int | None) -> str:
-    return f"genloop_{workers}w" if cpus is None else f"genloop_{workers}w_{cpus}cpu"
+def _training_path(workers: int, cpus: int | None, weak: bool = False) -> str:
+    """genloop_2w, genloop_1w_1cpu (1 worker on fewer CPUs), genloop_2w_weak (the batch per
+    worker of 1 worker)."""
+    name = f"genloop_{workers}w" if cpus is None else f"genloop_{workers}w_{cpus}cpu"
+    return f"{name}_weak" if weak else name
 
 
 def training_rows(ctx: BenchContext) -> pd.DataFrame:

@@ -1,9 +1,10 @@
 """Train one generation: Ray Train `TorchTrainer` workers running DeepSpeed (ZeRO 0-3).
 
 The driver reads the training mix as a Ray Dataset and splits it, one shard per worker; each
-worker tokenizes its own shard's batches, trains `steps` optimizer steps, and rank 0 hands the model back as a Ray Train
-checkpoint (an HF directory: safetensors + tokenizer + `train_state.json`). A worker that
-dies is replaced and training resumes from the last checkpoint (`FailureConfig`).
+worker tokenizes its own shard's batches, trains `steps` optimizer steps, and rank 0 hands
+the model back as a Ray Train checkpoint (an HF directory: safetensors + tokenizer +
+`train_state.json`). A worker that dies is replaced and training resumes from the last
+checkpoint (`FailureConfig`).
 """
 
 from __future__ import annotations

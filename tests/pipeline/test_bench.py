@@ -11,6 +11,7 @@ from pipeline import bench
 from pipeline.bench_probes import parse_train_line
 from pipeline.bench_stages import (
     PathRuns,
+    _training_path,
     compute_params,
     generation_budget,
     plain_scoring,
@@ -127,6 +128,23 @@ def test_training_scaling_compares_workers_with_the_same_cpus():
     text = bench.format_markdown(result)
     assert "same CPUs per worker | | | | 160%" in text
     assert "vs 1 worker on every CPU | | | | 80%" in text
+
+
+def test_weak_scaling_keeps_the_batch_per_worker():
+    raw = _raw_benchmark([1.0], [1.0], [0.625])
+    one_cpu = PathRuns("1 worker with 1 CPU", threads=1)
+    one_cpu.add(1000.0, 2e9, 2.0, 20.0)  # 500 tok/s
+    raw["paths"]["genloop_1w_1cpu"] = one_cpu.to_dict()
+    weak = PathRuns("2 workers, the batch per worker of 1", threads=2)
+    weak.add(2000.0, 4e9, 2.5, 25.0)  # twice the tokens per step: 800 tok/s
+    raw["paths"]["genloop_2w_weak"] = weak.to_dict()
+    summary = bench.summarize_benchmark("training", raw, {1: 1e9})
+    assert summary["scaling_weak"]["steady"] == pytest.approx(0.8)  # 800 / (2 x 500)
+    assert summary["scaling"]["steady"] == pytest.approx(1.6)  # the target keeps its measure
+    result = _result()
+    result["benchmarks"]["training"] = summary
+    assert "(weak scaling) | | | | 80%" in bench.format_markdown(result)
+    assert _training_path(2, None, weak=True) == "genloop_2w_weak"
 
 
 def _stage(generation, name, start, seconds, **extra):
