@@ -102,8 +102,22 @@ def _directory_stamp(path: str) -> tuple | None:
     return (info.st_ino, info.st_mtime_ns)
 
 
+def seed_batch(seed: list[int] | None, batch: pd.DataFrame) -> None:
+    """Seed torch's sampling for one batch from `seed` and the batch's first row (its place
+    in the stage's rows, `_row`): the samples then depend on the rows and the seed, not on
+    what the process sampled before (a long-lived worker has run other stages). None: leave
+    the generator as it is."""
+    import torch
+
+    if seed is None:
+        return
+    first = int(batch["_row"].iloc[0]) if "_row" in batch.columns and len(batch) else 0
+    torch.manual_seed(int(np.random.SeedSequence([*seed, first]).generate_state(1)[0]))
+
+
 class GenerateActor(_ModelActor):
-    """k samples per prompt. Rows in: prompt_id, prompt, reference; out: one row per sample."""
+    """k samples per prompt. Rows in: prompt_id, prompt, reference; out: one row per sample.
+    `seed` (e.g. [run seed, stream, generation]) fixes each batch's samples (`seed_batch`)."""
 
     def __init__(
         self,
@@ -117,9 +131,10 @@ class GenerateActor(_ModelActor):
         top_p,
         batch_size,
         max_length,
+        seed: list[int] | None = None,
     ):
         super().__init__(model_dir, trust_remote_code, use_gpu)
-        self.k = samples_per_prompt
+        self.k, self.seed = samples_per_prompt, seed
         self.settings = dict(
             samples_per_prompt=samples_per_prompt,
             max_new_tokens=max_new_tokens,
@@ -131,6 +146,7 @@ class GenerateActor(_ModelActor):
         )
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        seed_batch(self.seed, batch)
         responses = generate(self.model, self.tokenizer, batch["prompt"].tolist(), **self.settings)
         repeated = batch.loc[batch.index.repeat(self.k)].reset_index(drop=True)
         repeated["sample"] = np.tile(np.arange(self.k), len(batch))
@@ -204,7 +220,8 @@ def score_rows(
 
 class EvalActor(_ModelActor):
     """Held-out rows (prompt, response) in; out: the greedy answer, one sample, and the
-    per-token losses of the real response (for perplexity and token-level diagnostics)."""
+    per-token losses of the real response (for perplexity and token-level diagnostics).
+    `seed` fixes each batch's sample (`seed_batch`)."""
 
     def __init__(
         self,
@@ -218,9 +235,11 @@ class EvalActor(_ModelActor):
         batch_size,
         max_length,
         add_eos,
+        seed: list[int] | None = None,
     ):
         super().__init__(model_dir, trust_remote_code, use_gpu)
         self.greedy, self.add_eos, self.temperature = greedy, add_eos, temperature
+        self.seed = seed
         self.settings = dict(
             samples_per_prompt=1,
             max_new_tokens=max_new_tokens,
@@ -233,6 +252,7 @@ class EvalActor(_ModelActor):
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         batch = batch.copy()
         prompts = batch["prompt"].tolist()
+        seed_batch(self.seed, batch)
         if self.greedy:
             batch["greedy"] = generate(
                 self.model, self.tokenizer, prompts, greedy=True, temperature=1.0, **self.settings

@@ -31,7 +31,7 @@ from selection.selectors import required_features
 
 # Random streams, so that every stage's randomness is fixed by (seed, stream, generation),
 # whatever ran before it: a resumed stage draws exactly what the first attempt drew.
-_CURATE_STREAM, _MIX_STREAM, _EMBED_STREAM = 11, 12, 13
+_CURATE_STREAM, _MIX_STREAM, _EMBED_STREAM, _GENERATE_STREAM, _EVAL_STREAM = 11, 12, 13, 14, 15
 
 
 @dataclass
@@ -322,6 +322,7 @@ def curate_samples_stage(
                 batch_size=g.batch_size,
                 max_length=cfg.model.max_length,
                 score_batch_size=cfg.score.batch_size,
+                seed=[cfg.seed, _GENERATE_STREAM, gen.index],
                 **scoring,
             ),
         )
@@ -600,6 +601,7 @@ def evaluate_stage(
             batch_size=e.batch_size,
             max_length=cfg.model.max_length,
             add_eos=task.add_eos,
+            seed=[cfg.seed, _EVAL_STREAM, gen.index],
         ),
     )
     loss, ppl = perplexity(rows["loss_sum"].to_numpy(), rows["tokens"].to_numpy())

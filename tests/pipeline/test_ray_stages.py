@@ -96,6 +96,29 @@ def test_generate_then_score_on_an_actor_pool(ray_local, tiny_model_dir):
     assert fused["loss"].to_numpy() == pytest.approx(rescored["loss"].to_numpy(), abs=1e-5)
 
 
+def test_seeded_samples_do_not_depend_on_what_the_worker_sampled_before(ray_local, tiny_model_dir):
+    stage = dict(
+        workers=2,
+        use_gpu=False,
+        rows_per_batch=8,
+        constructor_kwargs=dict(
+            model_dir=tiny_model_dir,
+            trust_remote_code=False,
+            use_gpu=False,
+            seed=[0, 14, 1],
+            **SAMPLING,
+        ),
+    )
+    with kept_workers():
+        first = map_with_actors(POOL, GenerateActor, **stage)
+        # The same workers again: their generators have moved on, the samples have not.
+        again = map_with_actors(POOL, GenerateActor, **stage)
+        stage["constructor_kwargs"]["seed"] = [0, 14, 2]
+        other = map_with_actors(POOL, GenerateActor, **stage)
+    assert first["response"].tolist() == again["response"].tolist()
+    assert first["response"].tolist() != other["response"].tolist()
+
+
 @pytest.mark.parametrize("zero_stage, in_order", [(2, False), (3, True)])
 def test_deepspeed_training_on_two_workers(
     ray_local, tiny_model_dir, tmp_path, zero_stage, in_order
