@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +40,23 @@ def test_example_losses_match_a_manual_cross_entropy(tiny_model_dir):
     keep = targets != IGNORE
     manual = F.cross_entropy(logits[keep], targets[keep]).item()
     assert np.isclose(mean[0], manual, atol=1e-5)
+
+
+def test_example_losses_are_the_same_in_length_sorted_batches(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    prompts = ["1+1=", "123+456=", "7+8=", "99+1=", "12+3=", "5+5="]
+    responses = ["2", "975", "51", "001", "51", "01"]
+    args = dict(max_length=32, add_eos=True)
+    alone, alone_count = example_losses(model, tok, prompts, responses, batch_size=1, **args)
+    # In batches of 4 the rows go shortest first; each comes back in its own place.
+    batched, batched_count = example_losses(model, tok, prompts, responses, batch_size=4, **args)
+    assert batched_count.tolist() == alone_count.tolist() == [2, 4, 3, 4, 3, 3]
+    assert batched == pytest.approx(alone, abs=1e-5)
+    # No response token left (truncated away): NaN, with a count of 0.
+    empty, count = example_losses(
+        model, tok, ["1+1="], [""], batch_size=4, max_length=32, add_eos=False
+    )
+    assert np.isnan(empty[0]) and count[0] == 0
 
 
 def test_generate_returns_k_samples_per_prompt(tiny_model_dir):
