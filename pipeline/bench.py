@@ -442,6 +442,7 @@ def summarize_benchmark(name: str, raw: dict, peaks: dict[int, float]) -> dict:
         key: {
             "steady": ratio(p["steady_per_s"], base["steady_per_s"]),
             "whole": ratio(p["whole_per_s"], base["whole_per_s"]),
+            "steady_range": per_repetition_range(p, base),
         }
         for key, p in paths.items()
         if key != "baseline"
@@ -470,10 +471,24 @@ def scaling_reference(paths: dict) -> str:
 
 
 def _scaling(paths: dict, one: str, many: str = "genloop_2w") -> dict:
-    return {
+    out = {
         kind: scaling_efficiency(paths[one][f"{kind}_per_s"], paths[many][f"{kind}_per_s"], 2)
         for kind in ("steady", "whole")
     }
+    spread = per_repetition_range(paths[many], paths[one])
+    out["steady_range"] = None if spread is None else [v / 2 for v in spread]
+    return out
+
+
+def per_repetition_range(path: dict, reference: dict) -> list[float] | None:
+    """[lowest, highest] of the steady ratio path / reference, repetition by repetition (the
+    bench runs a repetition of every path before the next): how far the median can be
+    trusted on a noisy machine. None with fewer than 2 repetitions."""
+    mine = rates(path["work"], path["steady_s"])
+    theirs = rates(reference["work"], reference["steady_s"])
+    values = [ratio(a, b) for a, b in zip(mine, theirs)]
+    values = [v for v in values if v is not None]
+    return [min(values), max(values)] if len(values) >= 2 else None
 
 
 def scaling_efficiency(one: float | None, many: float | None, workers: int) -> float | None:
@@ -558,7 +573,7 @@ def check_targets(benchmarks: dict) -> list[dict]:
         for key in t.lookup:
             node = node.get(key) if isinstance(node, dict) else None
         node = node or {}
-        value, whole = node.get("steady"), node.get("whole")
+        value, whole, spread = node.get("steady"), node.get("whole"), node.get("steady_range")
         met = None
         if value is not None:
             met = value >= t.threshold if t.at_least else value <= t.threshold
@@ -570,6 +585,7 @@ def check_targets(benchmarks: dict) -> list[dict]:
                 "comparison": ">=" if t.at_least else "<=",
                 "value": value,
                 "whole_call": whole,
+                "range": spread,
                 "met": met,
                 "why": None if met in (True, None) else explain(t.key, benchmarks),
             }
@@ -809,16 +825,21 @@ def format_markdown(result: dict) -> str:
         "",
         "## Targets",
         "",
-        "| target | goal | measured | whole call | verdict |",
-        "|---|---:|---:|---:|---|",
+        "Measured: the steady ratio of medians; range: the lowest and highest ratio of single "
+        "repetitions.",
+        "",
+        "| target | goal | measured | range | whole call | verdict |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for t in result.get("targets", []):
         spec = ".0%" if t["key"] in ("overhead", "training_scaling") else ".2f"
         unit = "" if spec == ".0%" else "x"
         goal = f"{t['comparison']} {t['threshold']:{spec}}{unit}"
         verdict = {True: "met", False: "**not met**", None: "not measured"}[t["met"]]
+        spread = t.get("range")
+        spread = f"{spread[0]:{spec}}-{spread[1]:{spec}}" if spread else "-"
         lines.append(
-            f"| {t['description']} | {goal} | {_fmt(t['value'], spec, unit)} | "
+            f"| {t['description']} | {goal} | {_fmt(t['value'], spec, unit)} | {spread} | "
             f"{_fmt(t['whole_call'], spec, unit)} | {verdict} |"
         )
     unmet = [t for t in result.get("targets", []) if t["met"] is False and t["why"]]

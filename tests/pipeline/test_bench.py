@@ -97,13 +97,35 @@ def test_summarize_benchmark_medians_and_ratios():
     assert base["steady_per_s"] == 1000.0  # median of 1000, 500, 1000
     assert one["steady_per_s"] == 500.0
     assert base["whole_per_s"] == 100.0
-    assert summary["ratios"]["genloop_1w"] == {"steady": 0.5, "whole": 0.5}
+    assert summary["ratios"]["genloop_1w"] == {
+        "steady": 0.5,
+        "whole": 0.5,
+        "steady_range": [0.25, 1.0],  # 500/1000, 500/500, 250/1000
+    }
     assert summary["ratios"]["genloop_2w"]["steady"] == 2.0
     assert summary["ratios"]["genloop_2w"]["whole"] == pytest.approx(0.8)
     # 2e9 FLOPs in 2 s at 1 thread (peak 1e9): 100%.
     assert one["mfu"] == pytest.approx(1.0)
     assert one["extra_median"]["startup_s"] == 1.0
     assert "scaling" not in summary  # only training reports scaling
+
+
+def test_ratios_carry_their_range_over_repetitions():
+    # Repetition by repetition, 2 workers / baseline: 2000/1000, 500/500, 4000/1000.
+    raw = _raw_benchmark([1.0, 2.0, 1.0], [2.0, 2.0, 4.0], [0.5, 2.0, 0.25])
+    summary = bench.summarize_benchmark("training", raw, {1: 1e9})
+    assert summary["ratios"]["genloop_2w"]["steady_range"] == pytest.approx([1.0, 4.0])
+    # Scaling, 2 workers over 2 x 1 worker per repetition: 2000/1000, 500/1000, 4000/500.
+    assert summary["scaling"]["steady_range"] == pytest.approx([0.5, 8.0])
+    one = _raw_benchmark([1.0], [2.0], [0.5])
+    assert (
+        bench.summarize_benchmark("scoring", one, {})["ratios"]["genloop_1w"]["steady_range"]
+        is None
+    )  # one repetition: no range
+    target = {t["key"]: t for t in bench.check_targets({"scoring": summary})}["scoring_2w"]
+    assert target["range"] == pytest.approx([1.0, 4.0])
+    result = _result(targets=[target])
+    assert "| >= 1.60x | 2.00x | 1.00-4.00 | 0.80x | met |" in bench.format_markdown(result)
 
 
 def test_training_summary_reports_scaling():
