@@ -893,10 +893,11 @@ def _e2e_markdown(e: dict) -> list[str]:
         load = median(seg["actor_init_s"] for seg in pools)
         lines += [
             "",
-            f"Actor start-up, median over the run's {len(pools)} actor pools: "
-            f"{_fmt(wait, '.1f')}s from asking for the pool (stage start, or the previous "
-            f"pool's end) to its first batch; per actor, {_fmt(imports, '.1f')}s of it importing "
-            f"genloop's modules (torch, transformers) and {_fmt(load, '.1f')}s loading the model.",
+            f"Inference start-up, median over the run's {len(pools)} inference calls: "
+            f"{_fmt(wait, '.1f')}s from asking for the workers (stage start, or the previous "
+            f"call's end) to the first batch; a new worker spends {_fmt(imports, '.1f')}s "
+            f"importing genloop's modules (torch, transformers), and a call "
+            f"{_fmt(load, '.1f')}s loading the model (none while a kept worker has it).",
         ]
     gen0 = next((g for g in e["generations"] if g["generation"] == 0), None)
     lines += [

@@ -14,7 +14,7 @@ starts; every problem is reported at once.
 Each trial runs the loop in its own run directory (`EXPERIMENT/runs/<trial id>/`) and reports
 once per generation, so ASHA stops weak trials after a generation. When only keys that
 generation 0 does not read are searched, generation 0 is trained once and copied into every
-trial. Trials reserve no CPU themselves: their Ray Data actor pools and Ray Train workers ask
+trial. Trials reserve no CPU themselves: their inference workers and Ray Train workers ask
 for their own, so at most floor(cluster CPUs / CPUs one trial's largest stage needs) trials
 run at once, and none waits on another's resources.
 
@@ -496,8 +496,8 @@ def trial_needs(cfg: RunConfig) -> dict[str, int]:
     """CPUs and GPUs the largest stage of one trial asks for at once.
 
     The stages of a loop run one after another (each finishes before the next asks Ray for
-    anything), so a trial's peak is its largest stage: the Ray Train workers, one of the Ray
-    Data actor pools (generate, score, evaluate), or a CPU-only stage (a large training-mix
+    anything), so a trial's peak is its largest stage: the Ray Train workers, the inference
+    workers of one stage (generate, score, evaluate), or a CPU-only stage (a large training-mix
     sample's embedding; data selection's embedding or proxy training). Each worker or actor
     takes `ray.cpus_per_worker` CPUs (1 GPU instead on GPUs; inference actors take both)."""
     from pipeline.select_cmd import SelectOptions

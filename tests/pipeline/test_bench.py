@@ -425,7 +425,7 @@ def test_markdown_report():
     assert "| scoring | pool 1 | 1 |" in text
     assert "| embedding | skipped: no encoder |" in text
     assert "## End to end" in text and "| generate |" in text
-    assert "1.0s from asking for the pool" in text and "3.0s of it importing" in text
+    assert "1.0s from asking for the workers" in text and "spends 3.0s importing" in text
     assert "| scoring, 1 worker / single-process loop | >= 0.90x | 0.95x |" in text
     assert "| met |" in text and "**not met**" in text and "not measured" in text
     assert "- scoring_2w not met:" in text
