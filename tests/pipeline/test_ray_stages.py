@@ -123,10 +123,13 @@ def test_seeded_samples_do_not_depend_on_what_the_worker_sampled_before(ray_loca
 def test_deepspeed_training_on_two_workers(
     ray_local, tiny_model_dir, tmp_path, zero_stage, in_order
 ):
-    """ZeRO 2 and 3; the ZeRO-3 run also consumes its rows in a given order (ClusterClip's)."""
+    """ZeRO 2 and 3; the ZeRO-3 run also consumes its rows in a given order (ClusterClip's),
+    handed over in memory where the ZeRO-2 run reads a Parquet file."""
     mix = pd.DataFrame({"prompt": POOL["prompt"], "response": POOL["reference"]})
     mix = pd.concat([mix] * 4, ignore_index=True)
-    write_parquet(mix.assign(position=range(len(mix))[::-1]), tmp_path / "mix.parquet")
+    mix = mix.assign(position=range(len(mix))[::-1])
+    write_parquet(mix, tmp_path / "mix.parquet")
+    data = mix if in_order else str(tmp_path / "mix.parquet")
     cfg = TrainConfig(
         steps=12, batch_size=8, lr=3e-3, warmup_steps=0, workers=2, checkpoint_every=6
     )
@@ -135,9 +138,7 @@ def test_deepspeed_training_on_two_workers(
         init_model=tiny_model_dir, steps=12, seed=0, max_length=32, add_eos=True, in_order=in_order
     )
     checkpoint = tmp_path / "model"
-    state = train_generation(
-        job, str(tmp_path / "mix.parquet"), str(tmp_path), cfg, worker_env(), checkpoint
-    )
+    state = train_generation(job, data, str(tmp_path), cfg, worker_env(), checkpoint)
     assert state["step"] == 12 and state["final"]
     assert json.loads((Path(checkpoint) / TRAIN_STATE).read_text())["step"] == 12
     assert (Path(checkpoint) / "model.safetensors").exists()
