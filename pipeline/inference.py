@@ -22,6 +22,12 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 import ray
+from ray.util.placement_group import (
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.model import (
     context_length,
@@ -373,7 +379,7 @@ class ModelWorkers:
         frame = frame.reset_index(drop=True).assign(_row=np.arange(len(frame)))
         # A few blocks per worker, so that Ray Data's split can balance the shards.
         n_blocks = max(1, min(len(frame), workers * 4))
-        parts = [frame.iloc[index] for index in np.array_split(np.arange(len(frame)), n_blocks)]
+        parts = frame_parts(frame, n_blocks)
         # from_blocks describes the blocks here in the driver: from_pandas would ask for a
         # task per block, and the workers may be holding every CPU.
         shards = ray.data.from_blocks(parts).split(workers, equal=False)
@@ -392,7 +398,7 @@ class ModelWorkers:
             self.end()
         elif self.actors and self.lease is None and "num_cpus" in self.resources:
             if _all_alive(self.nodes):
-                self.lease = _lease(self.resources["num_cpus"], self.nodes)
+                self.lease = _lease(self.resources["num_cpus"], len(self.nodes), self.nodes)
             else:  # a node left while the workers were idle: start again elsewhere
                 self.end()
         if not self.actors:
@@ -411,10 +417,8 @@ class ModelWorkers:
                 for _ in range(workers)
             ]
         else:
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
             cpus = resources["num_cpus"]
-            self.lease = _lease(cpus, [None] * workers)
+            self.lease = _lease(cpus, workers)
             self.nodes = _bundle_nodes(self.lease, workers)
             self.actors = [
                 actor.options(
@@ -431,7 +435,7 @@ class ModelWorkers:
         if "num_cpus" not in self.resources:
             self.end()
         elif self.lease is not None:
-            _remove_lease(self.lease)
+            remove_placement_group(self.lease)
             self.lease = None
 
     def end(self) -> None:
@@ -440,34 +444,23 @@ class ModelWorkers:
             for actor in self.actors:
                 ray.kill(actor)
             if self.lease is not None:
-                _remove_lease(self.lease)
+                remove_placement_group(self.lease)
         self.actors, self.resources, self.nodes, self.lease = [], {}, [], None
 
 
-def _lease(cpus_each: float, nodes: list[str | None]):
-    """A placement group holding `cpus_each` CPUs per worker, on the given nodes (None: where
-    Ray finds room, packed). Waits until Ray grants it."""
-    from ray.util.placement_group import placement_group
-
-    selectors = None
-    if any(node is not None for node in nodes):
-        selectors = [{NODE_ID_LABEL: node} for node in nodes]
+def _lease(cpus_each: float, workers: int, nodes: list[str] | None = None):
+    """A placement group holding `cpus_each` CPUs for each of `workers`, one bundle per
+    worker on its node in `nodes` (None: where Ray finds room, packed). Waits until Ray
+    grants it."""
+    selectors = None if nodes is None else [{NODE_ID_LABEL: node} for node in nodes]
     lease = placement_group(
-        [{"CPU": cpus_each}] * len(nodes), strategy="PACK", bundle_label_selector=selectors
+        [{"CPU": cpus_each}] * workers, strategy="PACK", bundle_label_selector=selectors
     )
     ray.get(lease.ready())
     return lease
 
 
-def _remove_lease(lease) -> None:
-    from ray.util.placement_group import remove_placement_group
-
-    remove_placement_group(lease)
-
-
 def _bundle_nodes(lease, n: int) -> list[str]:
-    from ray.util.placement_group import placement_group_table
-
     placed = placement_group_table(lease)["bundles_to_node_id"]
     return [placed[i] for i in range(n)]
 
@@ -479,6 +472,11 @@ def _all_alive(nodes: list[str]) -> bool:
 
 # The label Ray gives every node: its node id.
 NODE_ID_LABEL = "ray.io/node-id"
+
+
+def frame_parts(frame: pd.DataFrame, n: int) -> list[pd.DataFrame]:
+    """`frame` cut into `n` contiguous parts whose sizes differ by at most one row."""
+    return [frame.iloc[index] for index in np.array_split(np.arange(len(frame)), n)]
 
 
 def _in_all(workers: int, resources: dict) -> dict:

@@ -135,7 +135,7 @@ def train_generation(
     model is copied into `model_dir`. Returns the training metrics. Each CPU worker gets
     `cpus_per_worker` CPUs and as many torch threads (None: its share of the cluster)."""
     from cluster.connect import cpus_per_worker as share
-    from pipeline.inference import release_workers
+    from pipeline.inference import frame_parts, release_workers
 
     release_workers()  # the kept inference workers' CPUs/GPUs are the training workers' now
     # One shard per worker, split here: Ray Train's own `datasets=` split would start a split
@@ -150,8 +150,7 @@ def train_generation(
         if job.in_order:
             shards = [ray.data.from_blocks([rows])] * cfg.workers
         else:
-            parts = np.array_split(np.arange(len(rows)), cfg.workers)
-            shards = [ray.data.from_blocks([rows.iloc[part]]) for part in parts]
+            shards = [ray.data.from_blocks([part]) for part in frame_parts(rows, cfg.workers)]
     else:
         dataset = ray.data.read_parquet(data, columns=columns).materialize()
         shards = [dataset] * cfg.workers if job.in_order else dataset.split(cfg.workers, equal=True)
