@@ -155,38 +155,64 @@ def parse_train_line(text: str) -> dict | None:
 
 
 def timed_train_loop(config: dict) -> None:
-    """pipeline.train._train_loop on a Ray Train worker, timed: the whole worker function, and
-    the step loop as the worker itself reports it."""
+    """pipeline.train._train_loop on a Ray Train worker, its job timed (`_time_jobs`)."""
+    from pipeline import train
+
+    os.environ.update(config["env"])  # the probe directory may come only with the job's env
+    _time_jobs()
+    _UNTIMED.get("train_loop", train._train_loop)(config)
+
+
+def timed_serve_jobs(config: dict) -> None:
+    """pipeline.train._serve_jobs on a kept trainer's worker, every job timed."""
+    from pipeline import train
+
+    os.environ.update(config["env"])
+    _time_jobs()
+    _UNTIMED.get("serve_jobs", train._serve_jobs)(config)
+
+
+def _time_jobs() -> None:
+    """In a training worker: every `_train_job` this process runs records its whole time and
+    the step loop as the worker itself reports it (a `train_worker` record)."""
     import ray.train
 
     from pipeline import train
 
-    os.environ.update(config["env"])  # the probe directory may come only with the job's env
-    started = time.time()
-    context = ray.train.get_context()
-    untimed = _UNTIMED.get("train_loop", train._train_loop)
-    tee = _Tee(sys.stdout)
-    with contextlib.redirect_stdout(tee):
-        untimed(config)
-    loop = parse_train_line(tee.copy.getvalue()) or {}
-    record(
-        "train_worker",
-        start=started,
-        end=time.time(),
-        rank=context.get_world_rank(),
-        world=context.get_world_size(),
-        threads=_threads(),
-        **loop,
-    )
+    untimed = train._train_job
+    if getattr(untimed, "timed", False):
+        return
+
+    def timed(config: dict, *args):
+        started = time.time()
+        context = ray.train.get_context()
+        tee = _Tee(sys.stdout)
+        with contextlib.redirect_stdout(tee):
+            result = untimed(config, *args)
+        loop = parse_train_line(tee.copy.getvalue()) or {}
+        record(
+            "train_worker",
+            start=started,
+            end=time.time(),
+            rank=context.get_world_rank(),
+            world=context.get_world_size(),
+            threads=_threads(),
+            **loop,
+        )
+        return result
+
+    timed.timed = True
+    train._train_job = timed
 
 
 @contextlib.contextmanager
 def installed() -> Iterator[None]:
-    """Swap genloop's actor classes and train loop for the timed ones while the block runs,
+    """Swap genloop's actor classes and train loops for the timed ones while the block runs,
     so that unmodified genloop code (run_loop, embed_texts, train_generation) reports timings."""
     from pipeline import train
 
     _UNTIMED["train_loop"] = train._train_loop
+    _UNTIMED["serve_jobs"] = train._serve_jobs
     swaps = [
         (inference, "ModelWorker", TimedModelWorker),
         (inference, "GenerateActor", TimedGenerateActor),
@@ -195,6 +221,7 @@ def installed() -> Iterator[None]:
         (inference, "EvalActor", TimedEvalActor),
         (embed, "EmbedActor", TimedEmbedActor),
         (train, "_train_loop", timed_train_loop),
+        (train, "_serve_jobs", timed_serve_jobs),
     ]
     saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
     try:

@@ -93,6 +93,7 @@ def run_loop(
     """
     from cluster.connect import connect
     from pipeline.inference import kept_workers, quiet_logs, worker_env
+    from pipeline.train import kept_trainer
 
     remote = run_dir if isinstance(run_dir, RemoteRun) else None
     if remote is None and is_uri(run_dir):
@@ -124,8 +125,9 @@ def run_loop(
     rows = []
     model, previous = base, None
     # One pool of inference workers serves a generation's evaluation and the next generation's
-    # sampling and scoring; training hands its CPUs/GPUs back in between.
-    with kept_workers():
+    # sampling and scoring; training hands its CPUs/GPUs back in between. On CPUs one set of
+    # training workers trains every generation, holding the CPUs only while it trains.
+    with kept_workers(), kept_trainer(remote.uri if remote is not None else run_dir):
         for index in range(cfg.loop.generations + 1):
             model, metrics = run_generation(
                 cfg, task, Generation(run_dir, index, remote), base, model, previous, progress

@@ -2,17 +2,28 @@
 
 The driver reads the training mix as a Ray Dataset and splits it, one shard per worker; each
 worker tokenizes its own shard's batches, trains `steps` optimizer steps, and rank 0 hands
-the model back as a Ray Train checkpoint (an HF directory: safetensors + tokenizer +
+the model back as a checkpoint (an HF directory: safetensors + tokenizer +
 `train_state.json`). A worker that dies is replaced and training resumes from the last
 checkpoint (`FailureConfig`).
+
+Inside `kept_trainer()` (the loop holds one for a whole run) CPU training workers serve one
+generation after another from a single `fit()` (`KeptTrainer`): a fresh fit spends 9-12 s
+on this kind of machine before its first step. Elsewhere each call is a fit of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import gc
 import json
 import os
+import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +33,7 @@ import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.placement_group import remove_placement_group
 
 from pipeline.config import TrainConfig
 from pipeline.storage import filesystem, is_uri, localize
@@ -155,23 +167,33 @@ def train_generation(
         dataset = ray.data.read_parquet(data, columns=columns).materialize()
         shards = [dataset] * cfg.workers if job.in_order else dataset.split(cfg.workers, equal=True)
     storage = storage_dir if is_uri(storage_dir) else str(Path(storage_dir).resolve())
+    train_dir = f"{storage.rstrip('/')}/train"
     loop_config = {
         "job": asdict(job),
         "shards": shards,
         "ds_config": deepspeed_config(cfg, job.steps),
         "checkpoint_every": cfg.checkpoint_every,
         "env": env,
-        "resume_from": latest_checkpoint(f"{storage.rstrip('/')}/train"),
+        "resume_from": latest_checkpoint(train_dir),
     }
+    cpus_each = None if cfg.use_gpu else share(cfg.workers, cpus_per_worker)
+    if _kept_trainer is not None and not cfg.use_gpu:
+        final = _kept_trainer.train(
+            dict(loop_config, train_dir=train_dir),
+            workers=cfg.workers,
+            cpus_each=cpus_each,
+            max_failures=cfg.max_failures,
+            env=env,
+        )
+        copy_checkpoint(final, model_dir)
+        return json.loads((Path(model_dir) / TRAIN_STATE).read_text())
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.use_gpu,
-            resources_per_worker=(
-                {"GPU": 1} if cfg.use_gpu else {"CPU": share(cfg.workers, cpus_per_worker)}
-            ),
+            resources_per_worker={"GPU": 1} if cfg.use_gpu else {"CPU": cpus_each},
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
@@ -183,7 +205,7 @@ def train_generation(
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint (see {storage}/train)")
+        raise RuntimeError(f"training finished without a checkpoint (see {train_dir})")
     result.checkpoint.to_directory(str(model_dir))
     return json.loads((Path(model_dir) / TRAIN_STATE).read_text())
 
@@ -191,12 +213,15 @@ def train_generation(
 def latest_checkpoint(train_dir: str) -> str | None:
     """The newest checkpoint (path or URI) an earlier attempt of this generation left in
     `train_dir` (a path or a URI), if any: a killed driver's run continues from it."""
+    found = _checkpoints(train_dir)
+    return found[-1] if found else None
+
+
+def _checkpoints(train_dir: str) -> list[str]:
+    """The whole checkpoints in `train_dir` (those with a train state), oldest first."""
     import pyarrow.fs as pafs
 
-    if is_uri(train_dir):
-        fs, root = filesystem(train_dir)
-    else:
-        fs, root = pafs.LocalFileSystem(), str(Path(train_dir).resolve())
+    fs, root = _filesystem(train_dir)
     selector = pafs.FileSelector(root, recursive=False, allow_not_found=True)
     found = []
     for info in fs.get_file_info(selector):
@@ -204,41 +229,304 @@ def latest_checkpoint(train_dir: str) -> str | None:
             state = fs.get_file_info(f"{info.path}/{TRAIN_STATE}")
             if state.type == pafs.FileType.File:
                 found.append((state.mtime_ns or 0, info.base_name))
-    if not found:
-        return None
-    return f"{train_dir.rstrip('/')}/{max(found)[1]}"
+    return [f"{train_dir.rstrip('/')}/{name}" for _, name in sorted(found)]
+
+
+def _filesystem(path: str):
+    """(pyarrow filesystem, path inside it) for a local path or a storage URI."""
+    import pyarrow.fs as pafs
+
+    if is_uri(path):
+        return filesystem(path)
+    return pafs.LocalFileSystem(), str(Path(path).resolve())
+
+
+def store_checkpoint(directory: str, train_dir: str, step: int, keep: int = 2) -> str:
+    """Copy a checkpoint directory into `train_dir` (a path or a URI) as a new
+    `checkpoint_<step>_<time>`, its train state last: a copy cut short has no state and is
+    never taken for a checkpoint. Keeps the newest `keep`; returns the new one's location."""
+    import pyarrow.fs as pafs
+
+    location = f"{train_dir.rstrip('/')}/checkpoint_{step:06d}_{time.time_ns()}"
+    fs, root = _filesystem(location)
+    fs.create_dir(root)
+    entries = sorted(Path(directory).iterdir(), key=lambda entry: entry.name == TRAIN_STATE)
+    for entry in entries:
+        pafs.copy_files(str(entry.resolve()), f"{root}/{entry.name}", destination_filesystem=fs)
+    for old in _checkpoints(train_dir)[:-keep]:
+        fs.delete_dir(_filesystem(old)[1])
+    return location
+
+
+def copy_checkpoint(location: str, model_dir: str | Path) -> None:
+    """A stored checkpoint (path or URI) copied into the directory `model_dir`."""
+    shutil.copytree(localize(location), model_dir, dirs_exist_ok=True)
+
+
+# --------------------------------------------------------------------------- kept trainer
+
+
+class JobBoard:
+    """Where a kept trainer's driver posts one training job at a time and its workers take
+    it (a Ray actor). Rank 0 posts the job's result; a job with no config tells the workers
+    to stop."""
+
+    def __init__(self):
+        self.job_id, self.job = 0, None
+        self.results: dict[int, str] = {}
+        self.changed = asyncio.Condition()
+
+    async def post(self, job_id: int, job: dict | None) -> None:
+        async with self.changed:
+            self.job_id, self.job = job_id, job
+            self.changed.notify_all()
+
+    async def take(self, after: int) -> tuple[int, dict | None]:
+        """The posted job once it is newer than `after` and not finished. A replaced
+        worker (after=0) takes the job its group was working on."""
+        async with self.changed:
+            await self.changed.wait_for(
+                lambda: self.job_id > after and self.job_id not in self.results
+            )
+            return self.job_id, self.job
+
+    async def finish(self, job_id: int, result: str) -> None:
+        async with self.changed:
+            self.results[job_id] = result
+            self.changed.notify_all()
+
+    async def result(self, job_id: int) -> str:
+        async with self.changed:
+            await self.changed.wait_for(lambda: job_id in self.results)
+            return self.results[job_id]
+
+
+# What a kept trainer's worker holds: no CPU (a lease holds its CPUs while it trains), and
+# 1 MiB of memory, because Ray needs a non-empty bundle.
+_HOLDS_NO_CPU = {"CPU": 0, "memory": 1 << 20}
+
+
+class KeptTrainer:
+    """CPU training workers that serve one generation after another from one `fit()`.
+
+    A fresh `TorchTrainer.fit()` spends 9-12 s on 2 CPUs before its first step: the
+    controller, the worker processes, the process group, the imports of DeepSpeed and
+    transformers. Here the workers of one fit take each generation's job from a `JobBoard`
+    and start it in about a second.
+
+    Like the kept inference workers, they hold no CPU between jobs: a lease (a placement
+    group) holds each worker's CPUs on its node for the length of a job, so the inference
+    stages between jobs get the CPUs. Each job writes its checkpoints itself, into the
+    generation's `train` directory. A worker that dies ends the fit; `train` starts a new
+    one, whose workers take the same job and resume from its newest checkpoint, up to
+    `train.max_failures` times, as Ray Train would restart a fit of its own. Then it raises
+    the fit's error.
+    """
+
+    def __init__(self, storage: str):
+        self.storage = storage  # where Ray Train keeps the fit's own files
+        self.settings: tuple | None = None
+        self.nodes: list[str] = []  # each worker's node
+        self.board = None
+        self.fit_thread: threading.Thread | None = None
+        self.failure: BaseException | None = None
+        self.jobs = 0
+        self.fits = 0  # fits started: 1 for a run whose workers never died
+
+    def train(
+        self, loop_config: dict, *, workers: int, cpus_each: int, max_failures: int, env: dict
+    ) -> str:
+        """Run one job (`_train_job`'s config plus `train_dir`); returns the location of its
+        final checkpoint. A fit that fails (a worker died) is replaced by a new one, on nodes
+        that are alive, and the job resumes from its newest checkpoint: `max_failures` times."""
+        from pipeline.inference import _all_alive
+
+        settings = (workers, cpus_each, tuple(sorted(env.items())))
+        if self.board is not None and (settings != self.settings or not _all_alive(self.nodes)):
+            self.end()
+        job = dict(loop_config, threads=max(1, int(cpus_each)))
+        for attempt in range(max_failures + 1):
+            try:
+                return self._run(job, settings)
+            except _FitFailed as failed:
+                if attempt == max_failures:
+                    raise failed.error from None
+                print(
+                    f"[train] the training workers failed ({failed.error}); new ones go on "
+                    "from the newest checkpoint",
+                    flush=True,
+                )
+        raise AssertionError("unreachable")
+
+    def _run(self, job: dict, settings: tuple) -> str:
+        from pipeline.inference import _bundle_nodes, _lease
+
+        workers, cpus_each, _ = settings
+        lease = _lease(cpus_each, workers, self.nodes or None)
+        try:
+            if self.board is None:
+                self._start(settings, _bundle_nodes(lease, workers))
+            self.jobs += 1
+            ray.get(self.board.post.remote(self.jobs, job))
+            result = self.board.result.remote(self.jobs)
+            while True:
+                ready, _ = ray.wait([result], timeout=1.0)
+                if ready:
+                    return ray.get(result)
+                if not self.fit_thread.is_alive():
+                    error = self.failure or RuntimeError("the training workers ended mid-job")
+                    self.end()
+                    raise _FitFailed(error)
+        finally:
+            remove_placement_group(lease)
+
+    def _start(self, settings: tuple, nodes: list[str]) -> None:
+        from pipeline.inference import NODE_ID_LABEL
+
+        workers, _, env = settings
+        board = ray.remote(JobBoard).options(num_cpus=0, scheduling_strategy="DEFAULT")
+        self.board = board.remote()
+        trainer = TorchTrainer(
+            _serve_jobs,
+            train_loop_config={"board": self.board, "env": dict(env)},
+            scaling_config=ScalingConfig(
+                num_workers=workers,
+                resources_per_worker=_HOLDS_NO_CPU,
+                label_selector=[{NODE_ID_LABEL: node} for node in nodes],
+            ),
+            torch_config=TorchConfig(backend="gloo"),
+            # A failed fit ends: `train` starts the next one where the lease finds CPUs
+            # (Ray Train's own restart would wait for the same nodes).
+            run_config=RunConfig(
+                name="trainer", storage_path=self.storage, failure_config=FailureConfig(0)
+            ),
+        )
+
+        def fit() -> None:
+            try:
+                trainer.fit()
+            except BaseException as error:  # handed to the driver's waiting `train` call
+                self.failure = error
+
+        self.settings, self.nodes, self.failure = settings, nodes, None
+        self.fits += 1
+        self.fit_thread = threading.Thread(target=fit, name="genloop-kept-trainer", daemon=True)
+        self.fit_thread.start()
+
+    def end(self) -> None:
+        """Stop the workers (they finish their fit) and the board."""
+        if self.board is None:
+            return
+        if ray.is_initialized():
+            if self.fit_thread.is_alive():
+                self.board.post.remote(self.jobs + 1, None)
+                self.fit_thread.join(timeout=30)
+            ray.kill(self.board)
+        self.board, self.fit_thread, self.settings, self.nodes = None, None, None, []
+
+
+class _FitFailed(Exception):
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+# The trainer `kept_trainer()` holds open, if any.
+_kept_trainer: KeptTrainer | None = None
+
+
+@contextlib.contextmanager
+def kept_trainer(storage: str | Path) -> Iterator[KeptTrainer]:
+    """Inside the block, every CPU `train_generation` call runs on one `KeptTrainer` (the
+    block's value), whose fit keeps its Ray Train files under `storage` (a path or a URI);
+    the workers end with the block. Nested blocks share the outer trainer."""
+    global _kept_trainer
+    if _kept_trainer is not None:
+        yield _kept_trainer
+        return
+    storage = str(storage) if is_uri(str(storage)) else str(Path(storage).resolve())
+    _kept_trainer = KeptTrainer(storage)
+    try:
+        yield _kept_trainer
+    finally:
+        _kept_trainer.end()
+        _kept_trainer = None
 
 
 # --------------------------------------------------------------------------- worker side
 
 
 def _train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker."""
-    os.environ.update(config["env"])
+    """Runs on every worker of a fit of its own: trains the job in `config`, handing each
+    checkpoint to Ray Train."""
+    from pipeline.inference import use_all_assigned_cpus
+
+    _worker_setup(config["env"])
+    use_all_assigned_cpus()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # this fit's workers were replaced: go on from their checkpoint
+        resume_dir = checkpoint.to_directory()
+    elif config["resume_from"]:  # an earlier attempt's (the driver was killed)
+        resume_dir = localize(config["resume_from"])
+    else:
+        resume_dir = None
+    _train_job(config, resume_dir, _hand_to_ray_train)
+
+
+def _serve_jobs(config: dict) -> None:
+    """Runs on every worker of a kept trainer's fit: takes one job after another from the
+    board until a job with no config comes, each job storing its own checkpoints."""
+    import torch
+
+    _worker_setup(config["env"])
+    board, rank = config["board"], ray.train.get_context().get_world_rank()
+    done = 0
+    while True:
+        job_id, job_config = ray.get(board.take.remote(after=done))
+        if job_config is None:
+            return
+        torch.set_num_threads(job_config["threads"])
+        train_dir = job_config["train_dir"]
+        # An earlier attempt's checkpoint, or this job's own if this worker replaces one
+        # that died.
+        resume_from = latest_checkpoint(train_dir)
+        final = _train_job(
+            job_config,
+            localize(resume_from) if resume_from else None,
+            functools.partial(_store_in, train_dir),
+        )
+        if rank == 0:
+            ray.get(board.finish.remote(job_id, final))
+        done = job_id
+        gc.collect()  # the job's engine and model, before the next job builds its own
+
+
+def _worker_setup(env: dict[str, str]) -> None:
+    os.environ.update(env)
+    from pipeline.inference import _quiet_transformers
+
+    _quiet_transformers()
+
+
+def _train_job(config: dict, resume_dir: str | None, hand_over) -> str | None:
+    """Train one generation's job on this worker; returns what `hand_over` returned for the
+    final checkpoint (see `_report`)."""
     import deepspeed
     import torch
     import torch.distributed as dist
 
-    from pipeline.inference import _quiet_transformers, use_all_assigned_cpus
     from pipeline.model import context_length, generate, load_model, pad_examples
 
-    _quiet_transformers()
-    use_all_assigned_cpus()
     job = TrainJob(**config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(job.seed)
 
     start_dir, state = job.init_model, {"step": 0, "log": [], "evals": []}
-    checkpoint = ray.train.get_checkpoint()
-    resume_dir = None
-    if checkpoint is not None:
-        resume_dir = checkpoint.to_directory()
-    elif config["resume_from"]:
-        resume_dir = localize(config["resume_from"])
     if resume_dir:
         start_dir = resume_dir
         state = json.loads((Path(resume_dir) / TRAIN_STATE).read_text())
+        state["resumed"] = state.get("resumed", []) + [state["step"]]  # for train.json
         if rank == 0:
             print(f"[train] resuming at step {state['step']} from {resume_dir}", flush=True)
     model, tokenizer = load_model(start_dir, trust_remote_code=job.trust_remote_code)
@@ -264,11 +552,11 @@ def _train_loop(config: dict) -> None:
         raise RuntimeError("the training mix is smaller than one batch per worker")
     lengths = np.array([len(ids) for ids, _ in rows])
     step, tokens, started = state["step"], 0, time.perf_counter()
-    done = step >= job.steps
+    done, final_checkpoint = step >= job.steps, None
     if done:
         # Resumed from a checkpoint that had already finished (the driver died after fit):
         # hand it back again so that this run, too, ends with a checkpoint.
-        _report(engine, tokenizer, state, rank, zero3, final=True)
+        final_checkpoint = _report(engine, tokenizer, state, rank, zero3, True, hand_over)
     losses: list[float] = []
     epoch = 0
     while not done:
@@ -302,7 +590,8 @@ def _train_loop(config: dict) -> None:
             every = config["checkpoint_every"]
             if done or (every and step % every == 0):
                 state["step"] = step
-                _report(engine, tokenizer, state, rank, zero3, final=done)
+                # The last one, when done, is the final checkpoint.
+                final_checkpoint = _report(engine, tokenizer, state, rank, zero3, done, hand_over)
             if done:
                 break
         epoch += 1
@@ -317,6 +606,7 @@ def _train_loop(config: dict) -> None:
             f"({total.item() / max(elapsed, 1e-9):,.0f} tokens/s)",
             flush=True,
         )
+    return final_checkpoint
 
 
 def _tokenized_shard(shard, tokenizer, max_length: int, job: TrainJob) -> list:
@@ -386,8 +676,12 @@ def _accuracy(module, tokenizer, job: TrainJob, zero3: bool, generate) -> float:
     return correct / max(1, len(answers))
 
 
-def _report(engine, tokenizer, state: dict, rank: int, zero3: bool, final: bool) -> None:
-    """Every rank calls this; rank 0 writes the HF checkpoint and hands it to Ray Train."""
+def _report(
+    engine, tokenizer, state: dict, rank: int, zero3: bool, final: bool, hand_over
+) -> str | None:
+    """Every rank calls this; rank 0 writes the HF checkpoint. Every rank then calls
+    `hand_over(directory, step)`, with the directory on rank 0 and None elsewhere; returns
+    what it returned."""
     import deepspeed
 
     from pipeline.model import save_model
@@ -401,9 +695,18 @@ def _report(engine, tokenizer, state: dict, rank: int, zero3: bool, final: bool)
                     save_model(module, tokenizer, directory)
         elif rank == 0:
             save_model(module, tokenizer, directory)
-        checkpoint = None
         if rank == 0:
             state = dict(state, final=final, time=time.time())
             (Path(directory) / TRAIN_STATE).write_text(json.dumps(state))
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report({"step": state["step"]}, checkpoint=checkpoint)
+        return hand_over(directory if rank == 0 else None, state["step"])
+
+
+def _hand_to_ray_train(directory: str | None, step: int) -> None:
+    """A fit of its own: Ray Train stores the checkpoint (every rank reports)."""
+    checkpoint = None if directory is None else ray.train.Checkpoint.from_directory(directory)
+    ray.train.report({"step": step}, checkpoint=checkpoint)
+
+
+def _store_in(train_dir: str, directory: str | None, step: int) -> str | None:
+    """A kept trainer's job: rank 0 stores the checkpoint itself (`store_checkpoint`)."""
+    return None if directory is None else store_checkpoint(directory, train_dir, step)

@@ -21,6 +21,7 @@ from pipeline.inference import (
 )
 from pipeline.model import example_losses, load_model
 from pipeline.train import TRAIN_STATE, TrainJob, train_generation
+from tests.waiting import free_cpus
 
 POOL = pd.DataFrame(
     {
@@ -255,18 +256,6 @@ class _ProcessStage(_ModelActor):
         return batch.assign(pid=os.getpid(), model=id(self.model))
 
 
-def _free_cpus(ray, expected: float, timeout_s: float = 10.0) -> float:
-    """The cluster's free CPUs, once they reach `expected` (killed actors free theirs soon)."""
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        free = ray.available_resources().get("CPU", 0)
-        if free >= expected or time.monotonic() > deadline:
-            return free
-        time.sleep(0.1)
-
-
 def test_kept_workers_serve_consecutive_stages_and_hand_their_cpus_back(ray_local, tiny_model_dir):
     rows = pd.DataFrame({"x": range(8)})
     stage = dict(
@@ -281,26 +270,26 @@ def test_kept_workers_serve_consecutive_stages_and_hand_their_cpus_back(ray_loca
         # The same two processes, each still holding the model it loaded the first time.
         assert first["pid"].nunique() == 2
         assert set(zip(first["pid"], first["model"])) == set(zip(second["pid"], second["model"]))
-        assert _free_cpus(ray_local, 2) == 0  # the pool holds the cluster's CPUs meanwhile
+        assert free_cpus(ray_local, 2) == 0  # the pool holds the cluster's CPUs meanwhile
         release_workers()  # what training does first
-        assert _free_cpus(ray_local, 2) == 2
+        assert free_cpus(ray_local, 2) == 2
         # The idle workers held no CPU; the next call leases the CPUs again for the same
         # processes, which still hold their model.
         third = map_with_actors(rows, _ProcessStage, workers=2, **stage)
         assert set(zip(third["pid"], third["model"])) == set(zip(first["pid"], first["model"]))
-        assert _free_cpus(ray_local, 2) == 0
+        assert free_cpus(ray_local, 2) == 0
         # One worker with both CPUs is what the two one-CPU workers hold in all: they serve it.
         both = map_with_actors(rows, _ProcessStage, workers=1, **stage)
         assert set(both["pid"]) == set(third["pid"])
         # One CPU is less than the pool holds: a pool of that size takes its place.
         alone = map_with_actors(rows, _ProcessStage, workers=1, cpus_per_worker=1, **stage)
         assert alone["pid"].nunique() == 1 and not set(alone["pid"]) & set(third["pid"])
-        assert _free_cpus(ray_local, 1) == 1
-    assert _free_cpus(ray_local, 2) == 2  # the block's end ends the pool
+        assert free_cpus(ray_local, 1) == 1
+    assert free_cpus(ray_local, 2) == 2  # the block's end ends the pool
     # Outside kept_workers() every call starts its own workers and ends them.
     once = map_with_actors(rows, _ProcessStage, workers=2, **stage)
     assert not set(once["pid"]) & set(alone["pid"])
-    assert _free_cpus(ray_local, 2) == 2
+    assert free_cpus(ray_local, 2) == 2
 
 
 def test_a_model_directory_is_loaded_once_until_it_is_rewritten(tiny_model_dir, tmp_path):
