@@ -6,11 +6,12 @@
       -> after each segment, every example's mean response-token loss (inference workers)
       -> an (N, T) matrix, also written to `work_dir/trajectories.parquet`
 
-Why segments: `train_generation` keeps only the newest two Ray Train checkpoints
-(`CheckpointConfig(num_to_keep=2)`), and S2L needs all T. Each segment is one short
-`train_generation` call of its own, so each of its final checkpoints survives. The model
-weights carry over exactly; the optimizer's moments restart at each segment, and warm-up
-runs in the first segment only.
+Why segments: `train_generation` keeps only the newest two checkpoints of a call, and S2L
+needs all T. Each segment is one short `train_generation` call of its own, so each of its
+final checkpoints survives. The model weights carry over exactly; the optimizer's moments
+restart at each segment, and warm-up runs in the first segment only. The segments run on
+kept workers (`kept_trainer`, `kept_workers`): one set of training workers and one of
+scoring workers serve all T, instead of new ones for every segment.
 """
 
 from __future__ import annotations
@@ -181,8 +182,8 @@ def loss_trajectories(
     Raises:
         ValueError: fewer rows than one training batch per worker, or T / steps < 1.
     """
-    from pipeline.inference import worker_env
-    from pipeline.train import TrainJob, train_generation
+    from pipeline.inference import kept_workers, worker_env
+    from pipeline.train import TrainJob, kept_trainer, train_generation
 
     if checkpoints < 1 or steps_per_checkpoint < 1:
         raise ValueError(
@@ -216,67 +217,69 @@ def loss_trajectories(
     losses = np.zeros((len(frame), checkpoints), dtype=np.float32)
     record: list[dict] = []
     model = init
-    for t in range(checkpoints):
-        segment = work_dir / f"segment_{t:02d}"
-        if segment.exists():  # a finished earlier segment would be "resumed" as done
-            shutil.rmtree(segment)
-        cfg = dataclasses.replace(
-            train_cfg,
-            steps=steps_per_checkpoint,
-            checkpoint_every=0,
-            warmup_steps=train_cfg.warmup_steps if t == 0 else 0,
-        )
-        job = TrainJob(
-            init_model=model,
-            steps=steps_per_checkpoint,
-            seed=seed + t,  # a fresh data order in every segment
-            max_length=length,
-            add_eos=add_eos,
-            trust_remote_code=trust,
-        )
-        started = time.perf_counter()
-        model = str(Path(segment) / "model")
-        state = train_generation(
-            job,
-            frame,
-            str(segment),
-            cfg,
-            env if env is not None else worker_env(),
-            model,
-            cpus_per_worker=cpus_per_worker,
-        )
-        trained = time.perf_counter() - started
-        started = time.perf_counter()
-        losses[:, t] = score_losses(
-            frame,
-            model,
-            workers=workers,
-            batch_size=batch_size,
-            max_length=length,
-            add_eos=add_eos,
-            use_gpu=train_cfg.use_gpu,
-            trust_remote_code=trust,
-            cpus_per_worker=cpus_per_worker,
-        )
-        scored = time.perf_counter() - started
-        train_loss = state["log"][-1]["loss"] if state.get("log") else float("nan")
-        record.append(
-            dict(
-                checkpoint=t,
-                step=(t + 1) * steps_per_checkpoint,
-                path=model,
-                train_loss=train_loss,
-                train_seconds=trained,
-                score_seconds=scored,
-                mean_loss=float(np.nanmean(losses[:, t])),
+    # One set of training workers and one of scoring workers for every segment.
+    with kept_workers(), kept_trainer(work_dir):
+        for t in range(checkpoints):
+            segment = work_dir / f"segment_{t:02d}"
+            if segment.exists():  # a finished earlier segment would be "resumed" as done
+                shutil.rmtree(segment)
+            cfg = dataclasses.replace(
+                train_cfg,
+                steps=steps_per_checkpoint,
+                checkpoint_every=0,
+                warmup_steps=train_cfg.warmup_steps if t == 0 else 0,
             )
-        )
-        echo(
-            f"checkpoint {t + 1}/{checkpoints}: step {(t + 1) * steps_per_checkpoint}, "
-            f"train loss {train_loss:.3f} ({trained:.1f}s); scored {len(frame):,} rows in "
-            f"{scored:.1f}s ({len(frame) / max(scored, 1e-9):,.0f} rows/s), "
-            f"mean loss {record[-1]['mean_loss']:.3f}"
-        )
+            job = TrainJob(
+                init_model=model,
+                steps=steps_per_checkpoint,
+                seed=seed + t,  # a fresh data order in every segment
+                max_length=length,
+                add_eos=add_eos,
+                trust_remote_code=trust,
+            )
+            started = time.perf_counter()
+            model = str(Path(segment) / "model")
+            state = train_generation(
+                job,
+                frame,
+                str(segment),
+                cfg,
+                env if env is not None else worker_env(),
+                model,
+                cpus_per_worker=cpus_per_worker,
+            )
+            trained = time.perf_counter() - started
+            started = time.perf_counter()
+            losses[:, t] = score_losses(
+                frame,
+                model,
+                workers=workers,
+                batch_size=batch_size,
+                max_length=length,
+                add_eos=add_eos,
+                use_gpu=train_cfg.use_gpu,
+                trust_remote_code=trust,
+                cpus_per_worker=cpus_per_worker,
+            )
+            scored = time.perf_counter() - started
+            train_loss = state["log"][-1]["loss"] if state.get("log") else float("nan")
+            record.append(
+                dict(
+                    checkpoint=t,
+                    step=(t + 1) * steps_per_checkpoint,
+                    path=model,
+                    train_loss=train_loss,
+                    train_seconds=trained,
+                    score_seconds=scored,
+                    mean_loss=float(np.nanmean(losses[:, t])),
+                )
+            )
+            echo(
+                f"checkpoint {t + 1}/{checkpoints}: step {(t + 1) * steps_per_checkpoint}, "
+                f"train loss {train_loss:.3f} ({trained:.1f}s); scored {len(frame):,} rows in "
+                f"{scored:.1f}s ({len(frame) / max(scored, 1e-9):,.0f} rows/s), "
+                f"mean loss {record[-1]['mean_loss']:.3f}"
+            )
     table = pd.DataFrame({"row": np.arange(len(frame))})
     for t in range(checkpoints):
         table[column_name(t)] = losses[:, t]
