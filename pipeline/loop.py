@@ -558,7 +558,7 @@ def train_stage(
         job.validation_answers = task.validation["response"].tolist()
         job.target_accuracy = cfg.loop.gen0_target_accuracy
         job.eval_every = cfg.loop.gen0_eval_every
-    # Ray Train keeps its checkpoints in gen_XX/train, at the run's URI for a remote run.
+    # Training checkpoints go to gen_XX/train, at the run's URI for a remote run.
     with atomic_dir(gen.path("model")) as tmp:
         state = train_generation(
             job,
