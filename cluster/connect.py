@@ -163,6 +163,8 @@ def connect(
             logging_level=logging.WARNING,
             log_to_driver=log_to_driver,
         )
+        global _started_local
+        _started_local = True
         cpus = int(ray.cluster_resources().get("CPU", 0))
         return f"local Ray on 127.0.0.1 with {cpus} CPUs"
     try:
@@ -190,6 +192,34 @@ LOCAL_TRAIN_SETTINGS = {
 def local_train_settings() -> dict[str, str]:
     """LOCAL_TRAIN_SETTINGS, less any the user set in the environment."""
     return {key: value for key, value in LOCAL_TRAIN_SETTINGS.items() if key not in os.environ}
+
+
+# Whether `connect` started a local Ray in this process: no node can join it.
+_started_local = False
+
+
+def check_local_fit(stages: dict[str, int], requested: int | None = None) -> None:
+    """On a local Ray that `connect` started, every stage's CPU workers (config key ->
+    workers) must fit at once, or the stage would wait forever for CPUs. A cluster may grow
+    (an autoscaler), so nothing is checked there.
+
+    Raises:
+        ClusterError: naming the first key whose workers cannot fit.
+    """
+    if not _started_local:
+        return
+    import ray
+
+    cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive", False)]
+    total, largest = sum(cpus), max(cpus, default=0.0)
+    for key, workers in stages.items():
+        each = cpus_per_worker(workers, requested)
+        if workers * each > total or each > largest:
+            lower = f"lower {key}" + (" or ray.cpus_per_worker" if requested else "")
+            raise ClusterError(
+                f"{key}={workers}: {workers} worker(s) x {each} CPU(s) do not fit on the local "
+                f"Ray's {int(total)} CPUs; {lower}, or raise ray.num_cpus"
+            )
 
 
 def cpus_per_worker(workers: int, requested: int | None = None) -> int:

@@ -397,8 +397,8 @@ class ModelWorkers:
         if _in_all(len(self.actors), self.resources) != _in_all(workers, resources):
             self.end()
         elif self.actors and self.lease is None and "num_cpus" in self.resources:
-            if _all_alive(self.nodes):
-                self.lease = _lease(self.resources["num_cpus"], len(self.nodes), self.nodes)
+            if nodes_alive(self.nodes):
+                self.lease = lease_cpus(self.resources["num_cpus"], len(self.nodes), self.nodes)
             else:  # a node left while the workers were idle: start again elsewhere
                 self.end()
         if not self.actors:
@@ -418,8 +418,8 @@ class ModelWorkers:
             ]
         else:
             cpus = resources["num_cpus"]
-            self.lease = _lease(cpus, workers)
-            self.nodes = _bundle_nodes(self.lease, workers)
+            self.lease = lease_cpus(cpus, workers)
+            self.nodes = lease_nodes(self.lease, workers)
             self.actors = [
                 actor.options(
                     num_cpus=0,
@@ -448,7 +448,7 @@ class ModelWorkers:
         self.actors, self.resources, self.nodes, self.lease = [], {}, [], None
 
 
-def _lease(cpus_each: float, workers: int, nodes: list[str] | None = None):
+def lease_cpus(cpus_each: float, workers: int, nodes: list[str] | None = None):
     """A placement group holding `cpus_each` CPUs for each of `workers`, one bundle per
     worker on its node in `nodes` (None: where Ray finds room, packed). Waits until Ray
     grants it."""
@@ -460,12 +460,14 @@ def _lease(cpus_each: float, workers: int, nodes: list[str] | None = None):
     return lease
 
 
-def _bundle_nodes(lease, n: int) -> list[str]:
+def lease_nodes(lease, n: int) -> list[str]:
+    """The node of each of a lease's first `n` bundles."""
     placed = placement_group_table(lease)["bundles_to_node_id"]
     return [placed[i] for i in range(n)]
 
 
-def _all_alive(nodes: list[str]) -> bool:
+def nodes_alive(nodes: list[str]) -> bool:
+    """Whether every node in `nodes` is still in the cluster."""
     alive = {node["NodeID"] for node in ray.nodes() if node.get("Alive", False)}
     return set(nodes) <= alive
 

@@ -91,7 +91,7 @@ def run_loop(
     `run_dir` may be a storage URI (see `pipeline.storage`): the loop then works in a local
     mirror and pushes every finished stage to the URI.
     """
-    from cluster.connect import connect
+    from cluster.connect import check_local_fit, connect
     from pipeline.inference import kept_workers, quiet_logs, worker_env
     from pipeline.train import kept_trainer
 
@@ -114,6 +114,16 @@ def run_loop(
             log_to_driver=log_to_driver,
         )
     )
+    if not cfg.train.use_gpu:
+        check_local_fit(
+            {
+                "generate.workers": cfg.generate.workers,
+                "score.workers": cfg.score.workers,
+                "eval.workers": cfg.eval.workers,
+                "train.workers": cfg.train.workers,
+            },
+            cfg.ray.cpus_per_worker,
+        )
     quiet_logs()
     base = prepare_base_model(cfg, task, run_dir)
     if remote is not None:

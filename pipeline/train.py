@@ -142,10 +142,12 @@ def train_generation(
     *,
     cpus_per_worker: int | None = None,
 ) -> dict:
-    """Fit one generation on `data` (a Parquet path, or rows already in memory); Ray Train
-    keeps its checkpoints under `storage_dir`/train (a path, or a storage URI). The final
-    model is copied into `model_dir`. Returns the training metrics. Each CPU worker gets
-    `cpus_per_worker` CPUs and as many torch threads (None: its share of the cluster)."""
+    """Fit one generation on `data` (a Parquet path, or rows already in memory), on the
+    workers of `kept_trainer()` on CPUs inside one, else in a fit of its own. Checkpoints
+    go under `storage_dir`/train (a path, or a storage URI); the newest one there, left by
+    an earlier attempt, is where training resumes. The final model is copied into
+    `model_dir`. Returns the training metrics. Each CPU worker gets `cpus_per_worker` CPUs
+    and as many torch threads (None: its share of the cluster)."""
     from cluster.connect import cpus_per_worker as share
     from pipeline.inference import frame_parts, release_workers
 
@@ -331,6 +333,7 @@ class KeptTrainer:
         self.fit_thread: threading.Thread | None = None
         self.failure: BaseException | None = None
         self.jobs = 0
+        self.busy = False  # a job is posted and its result not back
         self.fits = 0  # fits started: 1 for a run whose workers never died
 
     def train(
@@ -339,10 +342,10 @@ class KeptTrainer:
         """Run one job (`_train_job`'s config plus `train_dir`); returns the location of its
         final checkpoint. A fit that fails (a worker died) is replaced by a new one, on nodes
         that are alive, and the job resumes from its newest checkpoint: `max_failures` times."""
-        from pipeline.inference import _all_alive
+        from pipeline.inference import nodes_alive
 
         settings = (workers, cpus_each, tuple(sorted(env.items())))
-        if self.board is not None and (settings != self.settings or not _all_alive(self.nodes)):
+        if self.board is not None and (settings != self.settings or not nodes_alive(self.nodes)):
             self.end()
         job = dict(loop_config, threads=max(1, int(cpus_each)))
         for attempt in range(max_failures + 1):
@@ -359,19 +362,21 @@ class KeptTrainer:
         raise AssertionError("unreachable")
 
     def _run(self, job: dict, settings: tuple) -> str:
-        from pipeline.inference import _bundle_nodes, _lease
+        from pipeline.inference import lease_cpus, lease_nodes
 
         workers, cpus_each, _ = settings
-        lease = _lease(cpus_each, workers, self.nodes or None)
+        lease = lease_cpus(cpus_each, workers, self.nodes or None)
         try:
             if self.board is None:
-                self._start(settings, _bundle_nodes(lease, workers))
+                self._start(settings, lease_nodes(lease, workers))
             self.jobs += 1
+            self.busy = True
             ray.get(self.board.post.remote(self.jobs, job))
             result = self.board.result.remote(self.jobs)
             while True:
                 ready, _ = ray.wait([result], timeout=1.0)
                 if ready:
+                    self.busy = False
                     return ray.get(result)
                 if not self.fit_thread.is_alive():
                     error = self.failure or RuntimeError("the training workers ended mid-job")
@@ -414,15 +419,18 @@ class KeptTrainer:
         self.fit_thread.start()
 
     def end(self) -> None:
-        """Stop the workers (they finish their fit) and the board."""
+        """Stop the workers and the board. Idle workers end their fit; workers still on a
+        job (the driver was interrupted) are not waited for: without the board their fit
+        fails, or ends with Ray."""
         if self.board is None:
             return
         if ray.is_initialized():
-            if self.fit_thread.is_alive():
+            if self.fit_thread.is_alive() and not self.busy:
                 self.board.post.remote(self.jobs + 1, None)
                 self.fit_thread.join(timeout=30)
             ray.kill(self.board)
         self.board, self.fit_thread, self.settings, self.nodes = None, None, None, []
+        self.busy = False
 
 
 class _FitFailed(Exception):

@@ -306,3 +306,14 @@ def test_a_model_directory_is_loaded_once_until_it_is_rewritten(tiny_model_dir, 
     shutil.rmtree(directory)
     (tmp_path / "next").rename(directory)
     assert _load_once(str(directory), False, "cpu", None)[0] is not model
+
+
+def test_workers_that_cannot_fit_on_the_local_ray_are_a_clear_error(ray_local):
+    """A stage would wait forever for CPUs that a local Ray will never have."""
+    from cluster.connect import ClusterError, check_local_fit
+
+    check_local_fit({"generate.workers": 2, "train.workers": 1})  # 2 x 1 CPU, 1 x 2 CPUs
+    with pytest.raises(ClusterError, match=r"^train\.workers=4: 4 worker\(s\) x 1 CPU\(s\)"):
+        check_local_fit({"generate.workers": 2, "train.workers": 4})
+    with pytest.raises(ClusterError, match="lower eval.workers or ray.cpus_per_worker"):
+        check_local_fit({"eval.workers": 1}, requested=3)
