@@ -143,6 +143,7 @@ def connect(
         ClusterError: the address is malformed, unreachable, refuses our token, or is a
             job-server URL (which `genloop submit` takes, not `genloop run`).
     """
+    global _started_local
     import ray
 
     if ray.is_initialized():
@@ -163,7 +164,6 @@ def connect(
             logging_level=logging.WARNING,
             log_to_driver=log_to_driver,
         )
-        global _started_local
         _started_local = True
         cpus = int(ray.cluster_resources().get("CPU", 0))
         return f"local Ray on 127.0.0.1 with {cpus} CPUs"

@@ -3,8 +3,8 @@
 The driver reads the training mix as a Ray Dataset and splits it, one shard per worker; each
 worker tokenizes its own shard's batches, trains `steps` optimizer steps, and rank 0 hands
 the model back as a checkpoint (an HF directory: safetensors + tokenizer +
-`train_state.json`). A worker that dies is replaced and training resumes from the last
-checkpoint (`FailureConfig`).
+`train_state.json`). A worker that dies is replaced and training resumes from the newest
+checkpoint.
 
 Inside `kept_trainer()` (the loop holds one for a whole run) CPU training workers serve one
 generation after another from a single `fit()` (`KeptTrainer`): a fresh fit spends 9-12 s
@@ -403,7 +403,9 @@ class KeptTrainer:
             # A failed fit ends: `train` starts the next one where the lease finds CPUs
             # (Ray Train's own restart would wait for the same nodes).
             run_config=RunConfig(
-                name="trainer", storage_path=self.storage, failure_config=FailureConfig(0)
+                name="trainer",
+                storage_path=self.storage,
+                failure_config=FailureConfig(max_failures=0),
             ),
         )
 
@@ -495,8 +497,8 @@ def _serve_jobs(config: dict) -> None:
             return
         torch.set_num_threads(job_config["threads"])
         train_dir = job_config["train_dir"]
-        # An earlier attempt's checkpoint, or this job's own if this worker replaces one
-        # that died.
+        # The newest checkpoint of an earlier attempt: the driver's, or these workers'
+        # predecessors' if they died on this job.
         resume_from = latest_checkpoint(train_dir)
         final = _train_job(
             job_config,
