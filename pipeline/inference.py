@@ -512,13 +512,25 @@ def release_workers() -> None:
         _kept.release()
 
 
+# glibc's malloc hands large freed blocks back to the system at once (munmap, heap trims), so
+# every batch faults its activations' pages in afresh until its thresholds have adapted,
+# which a new worker's first calls pay in full. Keeping blocks up to 128 MiB in the heap:
+# 2 scoring workers on 2 CPUs, 8,000 rows, warm calls 1.05-1.28 s -> 0.91-0.98 s and first
+# calls 1.35-1.48 s -> 1.18-1.25 s; DeepSpeed steps 3% faster. The user's own settings win.
+MALLOC_SETTINGS = {
+    "MALLOC_MMAP_THRESHOLD_": str(128 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
+}
+
+
 def worker_env() -> dict[str, str]:
-    """Environment every Ray worker of a run gets."""
+    """Environment every Ray worker of a run gets (set when the process starts)."""
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         "TRANSFORMERS_VERBOSITY": "error",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
+    env.update({key: value for key, value in MALLOC_SETTINGS.items() if key not in os.environ})
     for key in ("HF_HUB_OFFLINE", "DS_ACCELERATOR"):
         if key in os.environ:
             env[key] = os.environ[key]

@@ -212,6 +212,19 @@ def test_the_local_ray_passes_its_ray_train_settings_to_every_worker(ray_local):
     assert local_train_settings().items() <= env.items()
 
 
+def test_every_worker_process_starts_with_genloops_malloc_settings(ray_local):
+    """glibc reads them when a process starts: they must be in the workers' environment."""
+    from pipeline.inference import MALLOC_SETTINGS
+
+    @ray_local.remote(num_cpus=0)
+    def malloc_environment() -> dict:
+        import os
+
+        return {key: os.environ.get(key) for key in MALLOC_SETTINGS}
+
+    assert ray_local.get(malloc_environment.remote()) == MALLOC_SETTINGS
+
+
 def test_a_stage_shares_the_clusters_cpus_among_its_workers(ray_local):
     from cluster.connect import cpus_per_worker
 
