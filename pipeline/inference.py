@@ -15,6 +15,7 @@ stage starts new ones. Outside `kept_workers()` a call starts its workers and en
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from collections.abc import Iterator
@@ -435,29 +436,49 @@ class ModelWorkers:
         if "num_cpus" not in self.resources:
             self.end()
         elif self.lease is not None:
-            remove_placement_group(self.lease)
+            return_lease(self.lease)
             self.lease = None
 
     def end(self) -> None:
         """End the workers and hand back what they hold."""
         if ray.is_initialized():  # else the workers ended with Ray
+            if self.lease is not None:  # first: it outlives this process if not removed
+                return_lease(self.lease)
             for actor in self.actors:
                 ray.kill(actor)
-            if self.lease is not None:
-                remove_placement_group(self.lease)
         self.actors, self.resources, self.nodes, self.lease = [], {}, [], None
 
 
 def lease_cpus(cpus_each: float, workers: int, nodes: list[str] | None = None):
     """A placement group holding `cpus_each` CPUs for each of `workers`, one bundle per
     worker on its node in `nodes` (None: where Ray finds room, packed). Waits until Ray
-    grants it."""
+    grants it. Hand it back with `return_lease`."""
     selectors = None if nodes is None else [{NODE_ID_LABEL: node} for node in nodes]
     lease = placement_group(
         [{"CPU": cpus_each}] * workers, strategy="PACK", bundle_label_selector=selectors
     )
+    _held_leases.add(lease)
     ray.get(lease.ready())
     return lease
+
+
+def return_lease(lease) -> None:
+    _held_leases.discard(lease)
+    remove_placement_group(lease)
+
+
+# Leases this process holds. A placement group made in a Ray actor (a Tune trial) outlives
+# the actor until its job ends: whatever a stopped trial did not hand back, it hands back
+# when its process exits.
+_held_leases: set = set()
+
+
+@atexit.register
+def _return_held_leases() -> None:
+    if _held_leases and ray.is_initialized():
+        for lease in list(_held_leases):
+            with contextlib.suppress(Exception):
+                return_lease(lease)
 
 
 def lease_nodes(lease, n: int) -> list[str]:

@@ -136,8 +136,10 @@ def run_loop(
     model, previous = base, None
     # One pool of inference workers serves a generation's evaluation and the next generation's
     # sampling and scoring; training hands its CPUs/GPUs back in between. On CPUs one set of
-    # training workers trains every generation, holding the CPUs only while it trains.
-    with kept_workers(), kept_trainer(remote.uri if remote is not None else run_dir):
+    # training workers trains every generation, holding the CPUs only while it trains. The
+    # inference pool ends first: a Tune trial that is stopped after a report holds its
+    # inference workers' CPUs, and must hand them back before its actor goes.
+    with kept_trainer(remote.uri if remote is not None else run_dir), kept_workers():
         for index in range(cfg.loop.generations + 1):
             model, metrics = run_generation(
                 cfg, task, Generation(run_dir, index, remote), base, model, previous, progress

@@ -33,7 +33,6 @@ import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.util.placement_group import remove_placement_group
 
 from pipeline.config import TrainConfig
 from pipeline.storage import filesystem, is_uri, localize
@@ -362,7 +361,7 @@ class KeptTrainer:
         raise AssertionError("unreachable")
 
     def _run(self, job: dict, settings: tuple) -> str:
-        from pipeline.inference import lease_cpus, lease_nodes
+        from pipeline.inference import lease_cpus, lease_nodes, return_lease
 
         workers, cpus_each, _ = settings
         lease = lease_cpus(cpus_each, workers, self.nodes or None)
@@ -383,7 +382,7 @@ class KeptTrainer:
                     self.end()
                     raise _FitFailed(error)
         finally:
-            remove_placement_group(lease)
+            return_lease(lease)
 
     def _start(self, settings: tuple, nodes: list[str]) -> None:
         from pipeline.inference import NODE_ID_LABEL
@@ -429,7 +428,7 @@ class KeptTrainer:
         if ray.is_initialized():
             if self.fit_thread.is_alive() and not self.busy:
                 self.board.post.remote(self.jobs + 1, None)
-                self.fit_thread.join(timeout=30)
+                self.fit_thread.join(timeout=10)  # an idle fit ends in about a second
             ray.kill(self.board)
         self.board, self.fit_thread, self.settings, self.nodes = None, None, None, []
         self.busy = False

@@ -218,7 +218,7 @@ def loss_trajectories(
     record: list[dict] = []
     model = init
     # One set of training workers and one of scoring workers for every segment.
-    with kept_workers(), kept_trainer(work_dir):
+    with kept_trainer(work_dir), kept_workers():
         for t in range(checkpoints):
             segment = work_dir / f"segment_{t:02d}"
             if segment.exists():  # a finished earlier segment would be "resumed" as done
