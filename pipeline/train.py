@@ -33,6 +33,7 @@ import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.config import TrainConfig
 from pipeline.storage import filesystem, is_uri, localize
@@ -370,17 +371,19 @@ class KeptTrainer:
                 self._start(settings, lease_nodes(lease, workers))
             self.jobs += 1
             self.busy = True
-            ray.get(self.board.post.remote(self.jobs, job))
-            result = self.board.result.remote(self.jobs)
-            while True:
-                ready, _ = ray.wait([result], timeout=1.0)
-                if ready:
-                    self.busy = False
-                    return ray.get(result)
-                if not self.fit_thread.is_alive():
-                    error = self.failure or RuntimeError("the training workers ended mid-job")
-                    self.end()
-                    raise _FitFailed(error)
+            try:
+                ray.get(self.board.post.remote(self.jobs, job))
+                result = self.board.result.remote(self.jobs)
+                while True:
+                    ready, _ = ray.wait([result], timeout=1.0)
+                    if ready:
+                        self.busy = False
+                        return ray.get(result)
+                    if not self.fit_thread.is_alive():
+                        raise self.failure or RuntimeError("the training workers ended mid-job")
+            except Exception as error:  # the fit failed, or the board's node is gone
+                self.end()
+                raise _FitFailed(error) from None
         finally:
             return_lease(lease)
 
@@ -388,8 +391,9 @@ class KeptTrainer:
         from pipeline.inference import NODE_ID_LABEL
 
         workers, _, env = settings
-        board = ray.remote(JobBoard).options(num_cpus=0, scheduling_strategy="DEFAULT")
-        self.board = board.remote()
+        # The board lives on the driver's node, which a run cannot outlive anyway.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.board = ray.remote(JobBoard).options(num_cpus=0, scheduling_strategy=here).remote()
         trainer = TorchTrainer(
             _serve_jobs,
             train_loop_config={"board": self.board, "env": dict(env)},
