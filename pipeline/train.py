@@ -430,7 +430,8 @@ class KeptTrainer:
         if self.board is None:
             return
         if ray.is_initialized():
-            if self.fit_thread.is_alive() and not self.busy:
+            idle = self.fit_thread is not None and self.fit_thread.is_alive() and not self.busy
+            if idle:
                 self.board.post.remote(self.jobs + 1, None)
                 self.fit_thread.join(timeout=10)  # an idle fit ends in about a second
             ray.kill(self.board)
