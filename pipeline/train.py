@@ -176,7 +176,6 @@ def train_generation(
         "ds_config": deepspeed_config(cfg, job.steps),
         "checkpoint_every": cfg.checkpoint_every,
         "env": env,
-        "resume_from": latest_checkpoint(train_dir),
     }
     cpus_each = None if cfg.use_gpu else share(cfg.workers, cpus_per_worker)
     if _kept_trainer is not None and not cfg.use_gpu:
@@ -189,6 +188,8 @@ def train_generation(
         )
         copy_checkpoint(final, model_dir)
         return json.loads((Path(model_dir) / TRAIN_STATE).read_text())
+    # Kept workers look for the newest checkpoint themselves, at each attempt.
+    loop_config["resume_from"] = latest_checkpoint(train_dir)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
