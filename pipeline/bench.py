@@ -816,6 +816,13 @@ def format_markdown(result: dict) -> str:
     }
     if units:
         lines += ["", *[f"- {name}: {what}" for name, what in units.items()]]
+    scoring = result["benchmarks"].get("scoring", {})
+    if scoring.get("genloop_forward_tokens") and scoring.get("tokens"):
+        lines.append(
+            f"- scoring: genloop puts {scoring['genloop_forward_tokens']:,.0f} of the "
+            f"{scoring['tokens']:,.0f} tokens through the model (a prompt that k samples share "
+            "runs once; the losses are the same); tokens/s count all of them for both paths"
+        )
     e2e = result["benchmarks"].get("end_to_end")
     if e2e and "error" in e2e:
         lines += ["", f"End to end failed: {e2e['error']}"]

@@ -281,6 +281,19 @@ def _example_tokens(ctx: BenchContext, tokenizer, prompts, responses) -> np.ndar
     return np.minimum(n, ctx.cfg.model.max_length)
 
 
+def _scored_tokens(ctx: BenchContext, tokenizer, prompts, responses) -> float:
+    """Tokens genloop's scoring puts through the model: a prompt that rows share runs once
+    when that saves enough (`pipeline.model.example_losses`)."""
+    from pipeline.model import SHARE_PROMPTS_FROM, prompt_groups, sharing_saves, tokenize_examples
+
+    rows = tokenize_examples(
+        tokenizer, prompts, responses, max_length=ctx.cfg.model.max_length, add_eos=ctx.task.add_eos
+    )
+    total = float(sum(len(ids) for ids, _ in rows))
+    saves = sharing_saves(rows, prompt_groups(rows))
+    return total * (1.0 - saves) if saves >= SHARE_PROMPTS_FROM else total
+
+
 # --------------------------------------------------------------------------- hardware
 
 
@@ -360,6 +373,9 @@ def bench_scoring(ctx: BenchContext) -> dict:
     n_params = compute_params(model)
     tokens = float(_example_tokens(ctx, tokenizer, prompts, responses).sum())
     flops = model_flops(n_params, tokens, training=False)
+    # genloop runs a prompt its k samples share once: fewer tokens, the same losses.
+    forward_tokens = _scored_tokens(ctx, tokenizer, prompts, responses)
+    genloop_flops = model_flops(n_params, forward_tokens, training=False)
     baselines = _baselines(f"single-process torch loop, batch {s.batch_size}")
     pools = {w: PathRuns(f"genloop ScoreActor pool, {w} worker(s)") for w in ctx.settings.workers}
     max_diff = 0.0
@@ -398,7 +414,7 @@ def bench_scoring(ctx: BenchContext) -> dict:
             )
             steady = _steady_seconds(timing)
             runs.threads = timing["threads"]
-            runs.add(tokens, flops, steady, whole, **_pool_extra(timing))
+            runs.add(tokens, genloop_flops, steady, whole, **_pool_extra(timing))
             max_diff = max(max_diff, float(np.nanmax(np.abs(scored["loss"].to_numpy() - losses))))
             ctx.echo(
                 f"[bench] scoring {rep + 1}: genloop {workers} worker(s) "
@@ -410,6 +426,8 @@ def bench_scoring(ctx: BenchContext) -> dict:
         "rows": len(rows),
         "params": n_params,
         "flops_per_token": 2 * n_params,
+        "tokens": tokens,
+        "genloop_forward_tokens": forward_tokens,
         "paths": {name: runs.to_dict() for name, runs in paths.items()},
         "checks": {"max_abs_loss_difference": max_diff},
     }
@@ -1029,12 +1047,12 @@ def _add_stage_flops(ctx: BenchContext, run_dir: Path, stages: list[dict]) -> No
             )
             if "loss" in samples.columns:  # the generating actors scored their samples, too
                 prompts, responses = _score_texts(ctx, samples)
-                tokens += float(_example_tokens(ctx, tokenizer, prompts, responses).sum())
+                tokens += _scored_tokens(ctx, tokenizer, prompts, responses)
             stage["flops"] = model_flops(n_params, tokens, training=False)
         elif stage["stage"] == "score" and _ran(stage, "ScoreActor"):
             scored = pd.read_parquet(gen_dir / "scored.parquet", columns=["prompt", "response"])
             prompts, responses = _score_texts(ctx, scored)
-            tokens = float(_example_tokens(ctx, tokenizer, prompts, responses).sum())
+            tokens = _scored_tokens(ctx, tokenizer, prompts, responses)
             stage["flops"] = model_flops(n_params, tokens, training=False)
         elif stage["stage"] == "train" and "tokens" in stage:
             tokens = float(stage["tokens"])

@@ -129,3 +129,65 @@ def test_tokenize_then_pad_equals_encode(tiny_model_dir):
     parts = pad_examples(rows, tokenizer.pad_token_id)
     for a, b in zip(whole.__dict__.values(), parts.__dict__.values()):
         assert (a == b).all()
+
+
+def _whole_row_losses(model, tok, prompts, responses, *, max_length, add_eos):
+    """Reference: every row through the model on its own, start to end."""
+    from pipeline.model import token_losses
+
+    out = []
+    for p, r in zip(prompts, responses):
+        enc = encode_examples(tok, [p], [r], max_length=max_length, add_eos=add_eos)
+        losses, mask = token_losses(model, enc, 1)
+        out.append(losses[0][mask[0]].mean() if mask[0].any() else np.nan)
+    return np.array(out, dtype=np.float32)
+
+
+def test_rows_that_share_a_prompt_score_as_whole_rows(tiny_model_dir):
+    from pipeline.model import SHARE_PROMPTS_FROM, prompt_groups, sharing_saves, tokenize_examples
+
+    model, tok = load_model(tiny_model_dir)
+    rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefgh 0123456789"))
+    # Ragged prompts (2 to 50 chars) with 1 to 6 samples each; some responses are long enough
+    # to be truncated at the 64-token context, one is empty. In one batch, a short prompt
+    # with a long response sits beside a long prompt with a short one.
+    distinct = ["".join(rng.choice(letters, size=rng.integers(2, 50))) for _ in range(12)]
+    prompts = [p for p in distinct for _ in range(rng.integers(1, 7))]
+    responses = ["".join(rng.choice(letters, size=rng.integers(1, 70))) for _ in prompts]
+    responses[3] = ""
+    args = dict(max_length=64, add_eos=False)
+    rows = tokenize_examples(tok, prompts, responses, **args)
+    assert sharing_saves(rows, prompt_groups(rows)) >= SHARE_PROMPTS_FROM
+    expected = _whole_row_losses(model, tok, prompts, responses, **args)
+    for batch_size in (1, 3, 16):  # groups larger than a batch are split
+        mean, count = example_losses(model, tok, prompts, responses, batch_size=batch_size, **args)
+        assert np.isnan(mean[3]) and count[3] == 0
+        assert mean == pytest.approx(expected, abs=1e-5, nan_ok=True)
+        assert count.sum() == sum(len(ids) - n for ids, n in rows)
+
+
+def test_prompts_are_shared_only_when_that_saves_tokens(tiny_model_dir):
+    from pipeline.model import prompt_groups, sharing_saves, tokenize_examples
+
+    _, tok = load_model(tiny_model_dir)
+
+    def saves(prompts, responses):
+        rows = tokenize_examples(tok, prompts, responses, max_length=64, add_eos=True)
+        return sharing_saves(rows, prompt_groups(rows))
+
+    # k=4 samples of "123+456=": 9 prompt tokens run once instead of 4 times, of 4 x 14 tokens.
+    assert saves(["123+456="] * 4, ["9753"] * 4) == pytest.approx(27 / 56)
+    assert saves(["1+1=", "2+2="], ["2", "4"]) == 0.0  # nothing shared
+    no_start = tok.__class__.from_pretrained(tiny_model_dir)
+    no_start.bos_token = no_start.eos_token = None
+    rows = tokenize_examples(no_start, ["", ""], ["ab", "cd"], max_length=64, add_eos=False)
+    assert sharing_saves(rows, prompt_groups(rows)) == 0.0  # no token to continue from
+
+
+def test_token_ids_are_the_tokenizers(tiny_model_dir):
+    from pipeline.model import token_ids
+
+    _, tok = load_model(tiny_model_dir)
+    texts = ["12+34=", "", "hello, world\n", "a b"]
+    assert token_ids(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
