@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -431,12 +432,13 @@ class ModelWorkers:
             ]
         self.resources = resources
 
-    def release(self) -> None:
-        """Hand the workers' CPUs/GPUs back: CPU workers stay, idle; GPU workers end."""
+    def release(self, pass_on: bool = False) -> None:
+        """Hand the workers' CPUs/GPUs back: CPU workers stay, idle; GPU workers end.
+        `pass_on`: the CPU lease goes to the next `lease_cpus` call (`pass_lease`)."""
         if "num_cpus" not in self.resources:
             self.end()
         elif self.lease is not None:
-            return_lease(self.lease)
+            (pass_lease if pass_on else return_lease)(self.lease)
             self.lease = None
 
     def end(self) -> None:
@@ -451,8 +453,12 @@ class ModelWorkers:
 
 def lease_cpus(cpus_each: float, workers: int, nodes: list[str] | None = None):
     """A placement group holding `cpus_each` CPUs for each of `workers`, one bundle per
-    worker on its node in `nodes` (None: where Ray finds room, packed). Waits until Ray
-    grants it. Hand it back with `return_lease`."""
+    worker on its node in `nodes` (None: where Ray finds room, packed): the lease passed on
+    by the previous stage when it is that (`pass_lease`), else a new one, once Ray grants
+    it. Hand it back with `return_lease`."""
+    passed = _take_passed_lease(cpus_each, workers, nodes)
+    if passed is not None:
+        return passed
     selectors = None if nodes is None else [{NODE_ID_LABEL: node} for node in nodes]
     lease = placement_group(
         [{"CPU": cpus_each}] * workers, strategy="PACK", bundle_label_selector=selectors
@@ -465,6 +471,60 @@ def lease_cpus(cpus_each: float, workers: int, nodes: list[str] | None = None):
 def return_lease(lease) -> None:
     _held_leases.discard(lease)
     remove_placement_group(lease)
+
+
+# The lease one stage passed to the next (`pass_lease`). The inference workers and the kept
+# training workers take turns on the same CPUs; Ray grants a new placement group 0.2-1 s
+# after one is removed, and passing the lease on costs nothing.
+_passed: dict = {}  # "lease": the passed lease, while nobody has taken it
+_passed_lock = threading.Lock()
+# A passed lease that no stage takes within this time is returned: whatever asks for the
+# CPUs some other way (a Ray task, a fit of its own) waits at most this long.
+PASSED_LEASE_SECONDS = 2.0
+
+
+def pass_lease(lease) -> None:
+    """Hand `lease` to the next `lease_cpus` call: it takes the lease if it asks for the same
+    CPUs on the same nodes, and returns it otherwise; nobody asking within
+    `PASSED_LEASE_SECONDS` returns it too."""
+    drop_passed_lease()
+    with _passed_lock:
+        _passed["lease"] = lease
+    timer = threading.Timer(PASSED_LEASE_SECONDS, _drop_if_passed, args=(lease,))
+    timer.daemon = True
+    timer.start()
+
+
+def drop_passed_lease() -> None:
+    """Return the passed lease, if no stage took it."""
+    with _passed_lock:
+        lease = _passed.pop("lease", None)
+    if lease is not None and ray.is_initialized():
+        return_lease(lease)
+
+
+def _drop_if_passed(lease) -> None:
+    with _passed_lock:
+        if _passed.get("lease") is not lease:
+            return  # taken, or replaced
+        del _passed["lease"]
+    if ray.is_initialized():
+        with contextlib.suppress(Exception):
+            return_lease(lease)
+
+
+def _take_passed_lease(cpus_each: float, workers: int, nodes: list[str] | None):
+    with _passed_lock:
+        lease = _passed.pop("lease", None)
+    if lease is None:
+        return None
+    same = lease.bundle_specs == [{"CPU": cpus_each}] * workers and (
+        nodes is None or lease_nodes(lease, workers) == list(nodes)
+    )
+    if same:
+        return lease
+    return_lease(lease)
+    return None
 
 
 # Leases this process holds. A placement group made in a Ray actor (a Tune trial) outlives
@@ -524,13 +584,15 @@ def kept_workers() -> Iterator[None]:
     finally:
         _kept.end()
         _kept = None
+        drop_passed_lease()
 
 
-def release_workers() -> None:
+def release_workers(pass_on: bool = False) -> None:
     """Hand the kept inference workers' CPUs/GPUs back to the cluster (before training): CPU
-    workers wait, idle, for the next stage; GPU workers end."""
+    workers wait, idle, for the next stage; GPU workers end. `pass_on`: their CPU lease goes
+    to the next `lease_cpus` call (the kept trainer's) instead (`pass_lease`)."""
     if _kept is not None:
-        _kept.release()
+        _kept.release(pass_on)
 
 
 # glibc's malloc hands large freed blocks back to the system at once (munmap, heap trims), so

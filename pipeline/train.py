@@ -152,9 +152,14 @@ def train_generation(
     `model_dir`. Returns the training metrics. Each CPU worker gets `cpus_per_worker` CPUs
     and as many torch threads (None: its share of the cluster)."""
     from cluster.connect import cpus_per_worker as share
-    from pipeline.inference import frame_parts, release_workers
+    from pipeline.inference import drop_passed_lease, frame_parts, release_workers
 
-    release_workers()  # the kept inference workers' CPUs/GPUs are the training workers' now
+    # The kept inference workers' CPUs/GPUs are the training workers' now. The kept trainer
+    # takes their CPU lease as it is; Ray Data's read tasks or a fit of its own need the CPUs.
+    kept = _kept_trainer is not None and not cfg.use_gpu
+    release_workers(pass_on=kept)
+    if not kept or not isinstance(data, pd.DataFrame):
+        drop_passed_lease()
     # One shard per worker, split here: Ray Train's own `datasets=` split would start a split
     # coordinator actor on every fit (2.5 s on 2 CPUs). An in-order job keeps the order
     # across workers: every worker reads all rows and takes its share of the order.
@@ -181,7 +186,7 @@ def train_generation(
         "env": env,
     }
     cpus_each = None if cfg.use_gpu else share(cfg.workers, cpus_per_worker)
-    if _kept_trainer is not None and not cfg.use_gpu:
+    if kept:
         final = _kept_trainer.train(
             dict(loop_config, train_dir=train_dir),
             workers=cfg.workers,
@@ -366,10 +371,11 @@ class KeptTrainer:
         raise AssertionError("unreachable")
 
     def _run(self, job: dict, settings: tuple) -> str:
-        from pipeline.inference import lease_cpus, lease_nodes, return_lease
+        from pipeline.inference import lease_cpus, lease_nodes, pass_lease, return_lease
 
         workers, cpus_each, _ = settings
         lease = lease_cpus(cpus_each, workers, self.nodes or None)
+        done = False
         try:
             if self.board is None:
                 self._start(settings, lease_nodes(lease, workers))
@@ -382,14 +388,18 @@ class KeptTrainer:
                     ready, _ = ray.wait([result], timeout=1.0)
                     if ready:
                         self.busy = False
-                        return ray.get(result)
+                        final = ray.get(result)
+                        done = True
+                        return final
                     if not self.fit_thread.is_alive():
                         raise self.failure or RuntimeError("the training workers ended mid-job")
             except Exception as error:  # the fit failed, or the board's node is gone
                 self.end()
                 raise _FitFailed(error) from None
         finally:
-            return_lease(lease)
+            # A finished job passes its CPUs on to the next stage (evaluation); after a
+            # failure they go back, their nodes may be gone.
+            (pass_lease if done else return_lease)(lease)
 
     def _start(self, settings: tuple, nodes: list[str]) -> None:
         from pipeline.inference import NODE_ID_LABEL
@@ -468,6 +478,9 @@ def kept_trainer(storage: str | Path) -> Iterator[KeptTrainer]:
         yield _kept_trainer
     finally:
         _kept_trainer.end()
+        from pipeline.inference import drop_passed_lease
+
+        drop_passed_lease()  # the last job's CPUs, if no stage took them
         _kept_trainer = None
 
 
