@@ -206,6 +206,21 @@ def _time_jobs() -> None:
 
 
 @contextlib.contextmanager
+def recording_here(directory: str | Path) -> Iterator[None]:
+    """This process records too while the block runs: the driver's own model compute (the
+    evaluation's embedding of the mix sample, `embed.embed_here`) is then timed as well."""
+    before = os.environ.get(PROBE_DIR_ENV)
+    os.environ[PROBE_DIR_ENV] = str(directory)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PROBE_DIR_ENV, None)
+        else:
+            os.environ[PROBE_DIR_ENV] = before
+
+
+@contextlib.contextmanager
 def installed() -> Iterator[None]:
     """Swap genloop's actor classes and train loops for the timed ones while the block runs,
     so that unmodified genloop code (run_loop, embed_texts, train_generation) reports timings."""

@@ -912,7 +912,7 @@ def bench_end_to_end(ctx: BenchContext) -> dict:
     run_dir = ctx.work_dir / "end_to_end"
     clock = StageClock(cfg.loop.generations, echo=lambda line: ctx.echo(f"[bench] e2e {line}"))
     started, wall = time.time(), time.perf_counter()
-    with bench_probes.installed():
+    with bench_probes.installed(), bench_probes.recording_here(ctx.probe_dir):
         run_loop(cfg, run_dir, clock, log_to_driver=False)
     total = time.perf_counter() - wall
     records = bench_probes.read_records(ctx.probe_dir, started, time.time())
