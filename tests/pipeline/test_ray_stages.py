@@ -305,6 +305,29 @@ def test_kept_workers_serve_consecutive_stages_and_hand_their_cpus_back(ray_loca
     assert free_cpus(ray_local, 2) == 2
 
 
+def test_a_passed_lease_serves_the_next_stage_that_asks_for_the_same_cpus(ray_local):
+    from pipeline import inference
+    from pipeline.inference import drop_passed_lease, lease_cpus, pass_lease, return_lease
+
+    lease = lease_cpus(1, 2)
+    nodes = inference.lease_nodes(lease, 2)
+    pass_lease(lease)
+    assert free_cpus(ray_local, 2, timeout_s=0.5) == 0  # still held, for the next stage
+    again = lease_cpus(1, 2, nodes)  # the same CPUs on the same nodes: the same lease
+    assert again.id == lease.id
+    # Another shape gets a lease of its own; the passed one goes back.
+    pass_lease(again)
+    other = lease_cpus(2, 1)
+    assert other.id != lease.id
+    return_lease(other)
+    assert free_cpus(ray_local, 2) == 2
+    # Nobody asking: it goes back by itself, so a task that needs the CPUs is not starved.
+    pass_lease(lease_cpus(1, 2))
+    assert free_cpus(ray_local, 2, timeout_s=inference.PASSED_LEASE_SECONDS + 5) == 2
+    drop_passed_lease()  # nothing left to drop
+    assert free_cpus(ray_local, 2) == 2
+
+
 def test_a_model_directory_is_loaded_once_until_it_is_rewritten(tiny_model_dir, tmp_path):
     import shutil
 
