@@ -281,17 +281,19 @@ def _example_tokens(ctx: BenchContext, tokenizer, prompts, responses) -> np.ndar
     return np.minimum(n, ctx.cfg.model.max_length)
 
 
-def _scored_tokens(ctx: BenchContext, tokenizer, prompts, responses) -> float:
+def _scored_tokens(ctx: BenchContext, tokenizer, prompts, responses, hidden: int | None) -> float:
     """Tokens genloop's scoring puts through the model: a prompt that rows share runs once
-    when that saves enough (`pipeline.model.example_losses`)."""
-    from pipeline.model import SHARE_PROMPTS_FROM, prompt_groups, sharing_saves, tokenize_examples
+    when that plan is the cheaper one (`pipeline.model.sharing_is_cheaper`)."""
+    from pipeline import model
 
-    rows = tokenize_examples(
+    rows = model.tokenize_examples(
         tokenizer, prompts, responses, max_length=ctx.cfg.model.max_length, add_eos=ctx.task.add_eos
     )
-    total = float(sum(len(ids) for ids, _ in rows))
-    saves = sharing_saves(rows, prompt_groups(rows))
-    return total * (1.0 - saves) if saves >= SHARE_PROMPTS_FROM else total
+    batch_size = ctx.cfg.score.batch_size
+    shared = model.shared_prompt_batches(rows, batch_size)
+    if shared is None or not model.sharing_is_cheaper(rows, shared, batch_size, hidden):
+        return float(sum(len(ids) for ids, _ in rows))
+    return float(model.shared_prompt_tokens(rows, shared))
 
 
 # --------------------------------------------------------------------------- hardware
@@ -364,7 +366,7 @@ def _gpu_matmul(settings: BenchSettings) -> dict:
 def bench_scoring(ctx: BenchContext) -> dict:
     """genloop's ScoreActor pool (map_with_actors) vs a batched single-process loop."""
     from pipeline.inference import map_with_actors
-    from pipeline.model import load_model
+    from pipeline.model import hidden_size, load_model
 
     cfg, s = ctx.cfg, ctx.cfg.score
     rows = scoring_rows(ctx)
@@ -374,7 +376,7 @@ def bench_scoring(ctx: BenchContext) -> dict:
     tokens = float(_example_tokens(ctx, tokenizer, prompts, responses).sum())
     flops = model_flops(n_params, tokens, training=False)
     # genloop runs a prompt its k samples share once: fewer tokens, the same losses.
-    forward_tokens = _scored_tokens(ctx, tokenizer, prompts, responses)
+    forward_tokens = _scored_tokens(ctx, tokenizer, prompts, responses, hidden_size(model))
     genloop_flops = model_flops(n_params, forward_tokens, training=False)
     baselines = _baselines(f"single-process torch loop, batch {s.batch_size}")
     pools = {w: PathRuns(f"genloop ScoreActor pool, {w} worker(s)") for w in ctx.settings.workers}
@@ -1021,10 +1023,10 @@ def _add_stage_flops(ctx: BenchContext, run_dir: Path, stages: list[dict]) -> No
     """Model FLOPs of each model stage, from what the stage produced (forward ~2 x params x
     tokens, training ~6 x params x tokens; attention left out). Evaluation counts its passes
     over the held-out rows, not an embedding of the mix."""
-    from pipeline.model import load_model
+    from pipeline.model import hidden_size, load_model
 
     model, tokenizer = load_model(ctx.model_dir)
-    n_params = compute_params(model)
+    n_params, hidden = compute_params(model), hidden_size(model)
     start = len(_start_ids(tokenizer))
     eos = 1 if ctx.task.add_eos else 0
     heldout = ctx.task.heldout
@@ -1047,12 +1049,12 @@ def _add_stage_flops(ctx: BenchContext, run_dir: Path, stages: list[dict]) -> No
             )
             if "loss" in samples.columns:  # the generating actors scored their samples, too
                 prompts, responses = _score_texts(ctx, samples)
-                tokens += _scored_tokens(ctx, tokenizer, prompts, responses)
+                tokens += _scored_tokens(ctx, tokenizer, prompts, responses, hidden)
             stage["flops"] = model_flops(n_params, tokens, training=False)
         elif stage["stage"] == "score" and _ran(stage, "ScoreActor"):
             scored = pd.read_parquet(gen_dir / "scored.parquet", columns=["prompt", "response"])
             prompts, responses = _score_texts(ctx, scored)
-            tokens = _scored_tokens(ctx, tokenizer, prompts, responses)
+            tokens = _scored_tokens(ctx, tokenizer, prompts, responses, hidden)
             stage["flops"] = model_flops(n_params, tokens, training=False)
         elif stage["stage"] == "train" and "tokens" in stage:
             tokens = float(stage["tokens"])

@@ -203,18 +203,23 @@ def example_losses(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mean response-token loss, number of response tokens) per example.
 
-    When rows share their prompt (a generation's k samples of each prompt), each prompt runs
-    through the model once and its k responses continue from its KV cache
-    (`shared_prompt_losses`). Otherwise the examples are scored shortest first, `batch_size`
-    at a time, so that each batch pads only to its own longest row (on GSM8K rows, 512 at a
-    time in batches of 32: padding 14% -> 2%, 23% less time). With right padding and causal
-    attention a row's losses do not depend on the rows beside it."""
+    When rows share their prompt (a generation's k samples of each prompt) and that is the
+    cheaper plan (`sharing_is_cheaper`), each prompt runs through the model once and its
+    responses continue from its KV cache (`shared_prompt_losses`). Otherwise the examples are
+    scored whole, shortest first, `batch_size` at a time, so that each batch pads only to its
+    own longest row (on GSM8K rows, 512 at a time in batches of 32: padding 14% -> 2%, 23%
+    less time). With right padding and causal attention a row's losses do not depend on the
+    rows beside it."""
     max_length = min(max_length, context_length(model) or max_length)
     rows = tokenize_examples(tokenizer, prompts, responses, max_length=max_length, add_eos=add_eos)
-    groups = prompt_groups(rows)
-    if sharing_saves(rows, groups) >= SHARE_PROMPTS_FROM and _continues_from_cache(model):
+    shared = shared_prompt_batches(rows, batch_size)
+    if (
+        shared is not None
+        and sharing_is_cheaper(rows, shared, batch_size, hidden_size(model))
+        and _continues_from_cache(model)
+    ):
         with contextlib.suppress(NoCacheToShare):
-            return shared_prompt_losses(model, rows, groups, tokenizer.pad_token_id, batch_size)
+            return shared_prompt_losses(model, rows, shared, tokenizer.pad_token_id)
     order = np.argsort([len(ids) for ids, _ in rows], kind="stable")
     mean = np.full(len(rows), np.nan, dtype=np.float32)
     counts = np.zeros(len(rows), dtype=np.int64)
@@ -229,9 +234,8 @@ def example_losses(
     return mean, counts
 
 
-# Share prompts when that saves at least this fraction of the tokens put through the model:
-# below it, the second forward call per batch costs about what sharing saves.
-SHARE_PROMPTS_FROM = 0.2
+def hidden_size(model) -> int | None:
+    return getattr(model.config, "hidden_size", None)
 
 
 def prompt_groups(rows: list[tuple[list[int], int]]) -> list[list[int]]:
@@ -243,14 +247,53 @@ def prompt_groups(rows: list[tuple[list[int], int]]) -> list[list[int]]:
     return list(groups.values())
 
 
-def sharing_saves(rows: list[tuple[list[int], int]], groups: list[list[int]]) -> float:
-    """The fraction of tokens that running each shared prompt once saves (0 when a row has no
-    prompt token to continue from)."""
-    total = sum(len(ids) for ids, _ in rows)
-    if not total or any(n_prompt == 0 for _, n_prompt in rows):
-        return 0.0
-    saved = sum((len(g) - 1) * rows[g[0]][1] for g in groups)
-    return saved / total
+def shared_prompt_batches(
+    rows: list[tuple[list[int], int]], batch_size: int
+) -> list[list[list[int]]] | None:
+    """Batches of prompt groups (at most `batch_size` rows each) for `shared_prompt_losses`,
+    or None when no prompt is shared or a row has no prompt token to continue from."""
+    if any(n_prompt == 0 for _, n_prompt in rows):
+        return None
+    groups = prompt_groups(rows)
+    if len(groups) == len(rows):
+        return None
+    # Groups larger than a batch are split; similar prompt lengths share a batch.
+    pieces = [g[lo : lo + batch_size] for g in groups for lo in range(0, len(g), batch_size)]
+    pieces.sort(key=lambda g: (rows[g[0]][1], max(len(rows[i][0]) for i in g)))
+    return _fill_batches(pieces, batch_size)
+
+
+def sharing_is_cheaper(
+    rows: list[tuple[list[int], int]], batches, batch_size: int, hidden: int | None
+) -> bool:
+    """Whether `batches` of shared prompts cost less than the rows scored whole.
+
+    The cost of a plan: token slots through the model, padding included, plus query-key
+    pairs of attention / (2 x `hidden`), about their FLOPs against a layer's matmuls. Sharing
+    wins on short prompts and answers (the default task's rows: 0.53x the cost). On long rows
+    whose answers differ in length (GSM8K), padding every answer to its batch's longest and
+    attending over padded prompts costs more than running each prompt k times."""
+    per_pair = 1.0 / (2 * (hidden or 1024))
+    shared = 0.0
+    for batch in batches:
+        prompt = max(rows[g[0]][1] for g in batch)
+        response = max(len(rows[i][0]) - rows[i][1] for g in batch for i in g)
+        n = sum(len(g) for g in batch)
+        shared += len(batch) * prompt + n * response
+        shared += per_pair * (len(batch) * prompt**2 / 2 + n * response * (prompt + response))
+    lengths = np.sort([len(ids) for ids, _ in rows])
+    whole = 0.0
+    for lo in range(0, len(lengths), batch_size):
+        batch = lengths[lo : lo + batch_size]
+        whole += len(batch) * batch[-1] + per_pair * len(batch) * batch[-1] ** 2 / 2
+    return shared < whole
+
+
+def shared_prompt_tokens(rows: list[tuple[list[int], int]], batches) -> int:
+    """Tokens (no padding) that `shared_prompt_losses` puts through the model."""
+    return sum(
+        rows[g[0]][1] + sum(len(rows[i][0]) - rows[i][1] for i in g) for b in batches for g in b
+    )
 
 
 class NoCacheToShare(Exception):
@@ -266,7 +309,7 @@ def _continues_from_cache(model) -> bool:
 
 @torch.no_grad()
 def shared_prompt_losses(
-    model, rows: list[tuple[list[int], int]], groups: list[list[int]], pad_id: int, batch_size: int
+    model, rows: list[tuple[list[int], int]], batches: list[list[list[int]]], pad_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """`example_losses` of rows grouped by shared prompt: each batch runs its prompts once
     (right-padded, keeping the KV cache), then every row's response continues from its
@@ -277,10 +320,7 @@ def shared_prompt_losses(
     device = next(model.parameters()).device
     mean = np.full(len(rows), np.nan, dtype=np.float32)
     counts = np.zeros(len(rows), dtype=np.int64)
-    # Split groups larger than a batch; similar prompt lengths share a batch.
-    pieces = [g[lo : lo + batch_size] for g in groups for lo in range(0, len(g), batch_size)]
-    pieces.sort(key=lambda g: (rows[g[0]][1], max(len(rows[i][0]) for i in g)))
-    for batch in _fill_batches(pieces, batch_size):
+    for batch in batches:
         prompts = [rows[g[0]][0][: rows[g[0]][1]] for g in batch]
         owner = np.repeat(np.arange(len(batch)), [len(g) for g in batch])
         members = [i for g in batch for i in g]

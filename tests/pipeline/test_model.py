@@ -144,7 +144,13 @@ def _whole_row_losses(model, tok, prompts, responses, *, max_length, add_eos):
 
 
 def test_rows_that_share_a_prompt_score_as_whole_rows(tiny_model_dir):
-    from pipeline.model import SHARE_PROMPTS_FROM, prompt_groups, sharing_saves, tokenize_examples
+    from pipeline.model import (
+        hidden_size,
+        prompt_groups,
+        shared_prompt_batches,
+        shared_prompt_losses,
+        tokenize_examples,
+    )
 
     model, tok = load_model(tiny_model_dir)
     rng = np.random.default_rng(0)
@@ -158,31 +164,56 @@ def test_rows_that_share_a_prompt_score_as_whole_rows(tiny_model_dir):
     responses[3] = ""
     args = dict(max_length=64, add_eos=False)
     rows = tokenize_examples(tok, prompts, responses, **args)
-    assert sharing_saves(rows, prompt_groups(rows)) >= SHARE_PROMPTS_FROM
     expected = _whole_row_losses(model, tok, prompts, responses, **args)
     for batch_size in (1, 3, 16):  # groups larger than a batch are split
-        mean, count = example_losses(model, tok, prompts, responses, batch_size=batch_size, **args)
+        # The plan, whether or not it is the cheaper one here.
+        batches = shared_prompt_batches(rows, batch_size)
+        assert sorted(i for b in batches for g in b for i in g) == list(range(len(rows)))
+        assert all(sum(len(g) for g in b) <= batch_size for b in batches)
+        mean, count = shared_prompt_losses(model, rows, batches, tok.pad_token_id)
         assert np.isnan(mean[3]) and count[3] == 0
         assert mean == pytest.approx(expected, abs=1e-5, nan_ok=True)
         assert count.sum() == sum(len(ids) - n for ids, n in rows)
+    # A prompt cut shorter to fit a long response is a prompt of its own.
+    assert 12 < len(prompt_groups(rows)) < len(rows)
+    assert hidden_size(model) == 32
 
 
-def test_prompts_are_shared_only_when_that_saves_tokens(tiny_model_dir):
-    from pipeline.model import prompt_groups, sharing_saves, tokenize_examples
+def test_prompts_are_shared_when_that_is_the_cheaper_plan(tiny_model_dir):
+    from pipeline.model import (
+        shared_prompt_batches,
+        shared_prompt_tokens,
+        sharing_is_cheaper,
+        tokenize_examples,
+    )
 
-    _, tok = load_model(tiny_model_dir)
+    model, tok = load_model(tiny_model_dir)
 
-    def saves(prompts, responses):
-        rows = tokenize_examples(tok, prompts, responses, max_length=64, add_eos=True)
-        return sharing_saves(rows, prompt_groups(rows))
+    def rows(prompts, responses):
+        return tokenize_examples(tok, prompts, responses, max_length=64, add_eos=True)
 
-    # k=4 samples of "123+456=": 9 prompt tokens run once instead of 4 times, of 4 x 14 tokens.
-    assert saves(["123+456="] * 4, ["9753"] * 4) == pytest.approx(27 / 56)
-    assert saves(["1+1=", "2+2="], ["2", "4"]) == 0.0  # nothing shared
+    # k=4 samples of "123+456=" (9 prompt tokens with the start token) and of "1+2=" (5):
+    # each prompt runs once.
+    short = rows(["123+456="] * 4 + ["1+2="] * 4, ["9753", "9753", "975", "97"] + ["3"] * 4)
+    plan = shared_prompt_batches(short, 8)
+    assert sharing_is_cheaper(short, plan, 8, hidden=32)
+    assert shared_prompt_tokens(short, plan) == 9 + (5 + 5 + 4 + 3) + 5 + 4 * 2
+    # A short prompt whose answers differ a lot in length: padding every answer to the
+    # longest costs more than running the prompt k times.
+    ragged = rows(["ab"] * 2 + ["cd"] * 2, ["a" * 50, "b", "c" * 50, "d"])
+    assert not sharing_is_cheaper(ragged, shared_prompt_batches(ragged, 2), 2, hidden=32)
+    assert shared_prompt_batches(rows(["1+1=", "2+2="], ["2", "4"]), 8) is None  # none shared
     no_start = tok.__class__.from_pretrained(tiny_model_dir)
     no_start.bos_token = no_start.eos_token = None
-    rows = tokenize_examples(no_start, ["", ""], ["ab", "cd"], max_length=64, add_eos=False)
-    assert sharing_saves(rows, prompt_groups(rows)) == 0.0  # no token to continue from
+    empty_prompts = tokenize_examples(
+        no_start, ["", ""], ["ab", "cd"], max_length=64, add_eos=False
+    )
+    assert shared_prompt_batches(empty_prompts, 8) is None  # no token to continue from
+    # Either way, example_losses gives each row its own loss.
+    mean, _ = example_losses(
+        model, tok, ["123+456="] * 4, ["9753"] * 4, max_length=64, add_eos=True, batch_size=8
+    )
+    assert mean == pytest.approx([mean[0]] * 4, abs=1e-6)
 
 
 def test_token_ids_are_the_tokenizers(tiny_model_dir):
