@@ -490,26 +490,20 @@ def pass_lease(lease) -> None:
     drop_passed_lease()
     with _passed_lock:
         _passed["lease"] = lease
-    timer = threading.Timer(PASSED_LEASE_SECONDS, _drop_if_passed, args=(lease,))
+    timer = threading.Timer(PASSED_LEASE_SECONDS, drop_passed_lease, args=(lease,))
     timer.daemon = True
     timer.start()
 
 
-def drop_passed_lease() -> None:
-    """Return the passed lease, if no stage took it."""
+def drop_passed_lease(only=None) -> None:
+    """Return the passed lease, if no stage took it (`only`: if it is still that lease)."""
     with _passed_lock:
-        lease = _passed.pop("lease", None)
-    if lease is not None and ray.is_initialized():
-        return_lease(lease)
-
-
-def _drop_if_passed(lease) -> None:
-    with _passed_lock:
-        if _passed.get("lease") is not lease:
+        lease = _passed.get("lease")
+        if lease is None or (only is not None and lease is not only):
             return  # taken, or replaced
         del _passed["lease"]
     if ray.is_initialized():
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # a timer may fire while Ray shuts down
             return_lease(lease)
 
 

@@ -610,9 +610,9 @@ def _trial_resources(trainable):
     """The trainable itself reserves no CPU: every CPU a trial uses is asked for by its
     inference workers and Ray Train workers, outside the trial's placement group. A trial
     never holds CPUs while it waits for more: its inference workers are handed back before
-    its training workers lease theirs (`train_generation`), and those are handed back at the
-    end of each generation's training. A 1 MiB memory reservation stands in, because Tune
-    needs a non-empty bundle."""
+    its training workers lease theirs (`train_generation`), and those pass to the trial's
+    next stage when each generation's training ends (or go back, `pass_lease`). A 1 MiB
+    memory reservation stands in, because Tune needs a non-empty bundle."""
     from ray import tune
 
     return tune.with_resources(trainable, TRIAL_RESOURCES)
