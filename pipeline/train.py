@@ -184,8 +184,9 @@ def train_generation(
         "ds_config": deepspeed_config(cfg, job.steps),
         "checkpoint_every": cfg.checkpoint_every,
         "env": env,
+        "cpus_each": None if cfg.use_gpu else share(cfg.workers, cpus_per_worker),
     }
-    cpus_each = None if cfg.use_gpu else share(cfg.workers, cpus_per_worker)
+    cpus_each = loop_config["cpus_each"]
     if kept:
         final = _kept_trainer.train(
             dict(loop_config, train_dir=train_dir),
@@ -545,7 +546,9 @@ def _train_job(config: dict, resume_dir: str | None, hand_over) -> str | None:
     import deepspeed
     import torch
     import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
+    from pipeline.gradients import GradientSync, offer_shared_memory, syncs_own_gradients
     from pipeline.model import context_length, generate, load_model, pad_examples
 
     job = TrainJob(**config["job"])
@@ -565,11 +568,21 @@ def _train_job(config: dict, resume_dir: str | None, hand_over) -> str | None:
     model.train()
     ds_config = config["ds_config"]
     zero3 = ds_config["zero_optimization"]["stage"] == 3
+    own_sync = syncs_own_gradients(ds_config, get_accelerator().device_name())
+    if own_sync and config["cpus_each"]:  # before DeepSpeed builds its communication backend
+        offer_shared_memory(world, ctx.get_local_world_size(), config["cpus_each"])
+    max_norm = ds_config.get("gradient_clipping", 0.0)
+    if own_sync:  # genloop clips, after its own all-reduce (pipeline/gradients.py)
+        ds_config = dict(ds_config, gradient_clipping=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
+        model=model, model_parameters=params, config=ds_config
     )
+    sync_gradients = None
+    if own_sync:
+        engine.enable_backward_allreduce = False
+        sync_gradients = GradientSync(params, world, rank, max_norm)
+    state["gradient_sync"] = sync_gradients.method if sync_gradients else "deepspeed"
     # Put the LR schedule where it was when the checkpoint was written.
     for _ in range(state["step"] if scheduler is not None else 0):
         scheduler.step()
@@ -604,6 +617,8 @@ def _train_job(config: dict, resume_dir: str | None, hand_over) -> str | None:
                 labels=torch.from_numpy(enc.labels).to(engine.device),
             )
             engine.backward(out.loss)
+            if sync_gradients is not None:
+                sync_gradients()
             engine.step()
             step += 1
             tokens += int(enc.attention_mask.sum())

@@ -72,6 +72,8 @@ def test_one_set_of_workers_trains_each_generation_as_a_fit_of_its_own_would(
         assert free_cpus(ray_local, 2) == 2
     assert trainer.fits == 1  # both generations on the same workers
     assert [s["step"] for s in states] == [6, 6] and all(s["final"] for s in states)
+    # Two workers on one node, a core each: gradients averaged through shared memory.
+    assert [s["gradient_sync"] for s in states] == ["shared-memory"] * 2
     # The second job on workers that trained before: bit for bit what a fit of its own trains.
     _train(_job(first / "model", 6, seed=1), cfg, fresh)
     assert _same_weights(second / "model", fresh / "model")
