@@ -43,15 +43,30 @@ def offer_shared_memory(world: int, local_world: int, cpus: float) -> bool:
     backend set up its shared-memory all-reduce (it does when LOCAL_SIZE equals the world
     size). Only when every rank is on this node, each with at least one CPU of its own (its
     waits spin), the node has as many cores, and /dev/shm has room for the workspaces (the
-    group's address names them, so MASTER_ADDR and MASTER_PORT must be set). Once this
-    process has built the backend, its choice stands (a kept worker's later jobs)."""
+    group's address names them, so MASTER_ADDR and MASTER_PORT must be set). The ranks
+    agree first, over the process group when it is up: a rank that sets up its workspace
+    waits until every other rank has set up theirs. Once this process has built the
+    backend, its choice stands (a kept worker's later jobs)."""
+    import torch
+    import torch.distributed as dist
     from deepspeed.comm import comm
 
     if comm.cdb is not None:
         return os.environ.get("LOCAL_SIZE") == str(world)
-    if world < 2 or local_world != world or cpus < 1:
+    if world < 2:
         return False
-    if world > len(os.sched_getaffinity(0)):
+    able = _shared_memory_possible(world, local_world, cpus)
+    if dist.is_initialized():
+        agreed = torch.tensor([int(able)])
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        able = bool(agreed.item())
+    if able:
+        os.environ["LOCAL_SIZE"] = str(world)
+    return able
+
+
+def _shared_memory_possible(world: int, local_world: int, cpus: float) -> bool:
+    if local_world != world or cpus < 1 or world > len(os.sched_getaffinity(0)):
         return False
     if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
         return False
@@ -59,10 +74,7 @@ def offer_shared_memory(world: int, local_world: int, cpus: float) -> bool:
         free = shutil.disk_usage(SHM_DIR).free
     except OSError:
         return False
-    if free < 2 * world * SHM_WORKSPACE_BYTES:
-        return False
-    os.environ["LOCAL_SIZE"] = str(world)
-    return True
+    return free >= 2 * world * SHM_WORKSPACE_BYTES
 
 
 def shared_memory_ready(world: int) -> bool:

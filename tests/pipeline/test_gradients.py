@@ -77,6 +77,9 @@ def _rank(rank: int, world: int, port: int, results) -> None:
     from pipeline.gradients import SHM_DIR, GradientSync, offer_shared_memory
 
     torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # The ranks agree: one rank without a CPU of its own keeps them all off shared memory.
+    offered_to_one = offer_shared_memory(world, world, 1 if rank == 0 else 0.5)
     assert offer_shared_memory(world, world, 1)
     deepspeed.init_distributed("gloo")
     config = GPT2Config(
@@ -123,6 +126,7 @@ def _rank(rank: int, world: int, port: int, results) -> None:
     results.put(
         {
             "rank": rank,
+            "offered_to_one": offered_to_one,
             "shared_vs_deepspeed": _largest_difference(shared, deepspeed_own),
             "gloo_vs_deepspeed": _largest_difference(gloo, deepspeed_own),
             "moved": _largest_difference(shared, _initial(config)),
@@ -154,6 +158,7 @@ def test_two_ranks_average_and_clip_as_deepspeed_does():
     mp.spawn(_rank, args=(2, _free_port(), results), nprocs=2, join=True)
     by_rank = sorted((results.get(timeout=10) for _ in range(2)), key=lambda r: r["rank"])
     for r in by_rank:
+        assert not r["offered_to_one"]
         assert r["moved"] > 1e-2  # the steps changed the model
         assert r["shared_vs_deepspeed"] < 1e-5
         assert r["gloo_vs_deepspeed"] < 1e-5
