@@ -118,9 +118,10 @@ class GradientSync:
         import torch
         import torch.distributed as dist
 
-        # One flat buffer: a single all-reduce, one norm, one scaling; the parameters'
-        # gradients then become views of it (no copy back). A gradient autograd left unset
-        # (a parameter unused on this batch) is zero, as in DeepSpeed's all-reduce.
+        # One flat buffer: a single all-reduce, one norm, at most one scaling (the average
+        # and the clip together); the parameters' gradients then become views of it (no copy
+        # back). A gradient autograd left unset (a parameter unused on this batch) is zero,
+        # as in DeepSpeed's all-reduce.
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         if self.world > 1:
@@ -128,10 +129,12 @@ class GradientSync:
                 torch.ops.deepspeed.inference_all_reduce_(flat)
             else:
                 dist.all_reduce(flat)
-            flat.div_(self.world)
-        if self.max_norm > 0:  # torch's clip_grad_norm_, on the flat buffer
-            norm = torch.linalg.vector_norm(flat)
-            flat.mul_(torch.clamp(self.max_norm / (norm + 1e-6), max=1.0))
+        scale = 1.0 / self.world
+        if self.max_norm > 0:  # torch's clip_grad_norm_, of the average
+            norm = torch.linalg.vector_norm(flat).item() * scale
+            scale *= min(1.0, self.max_norm / (norm + 1e-6))
+        if scale != 1.0:
+            flat.mul_(scale)
         for p, part in zip(self.params, flat.split([g.numel() for g in grads])):
             p.grad = part.view_as(p)
 
