@@ -283,15 +283,14 @@ def _example_tokens(ctx: BenchContext, tokenizer, prompts, responses) -> np.ndar
 
 def _scored_tokens(ctx: BenchContext, tokenizer, prompts, responses, hidden: int | None) -> float:
     """Tokens genloop's scoring puts through the model: a prompt that rows share runs once
-    when that plan is the cheaper one (`pipeline.model.sharing_is_cheaper`)."""
+    when that plan is the cheaper one (`pipeline.model.sharing_plan`)."""
     from pipeline import model
 
     rows = model.tokenize_examples(
         tokenizer, prompts, responses, max_length=ctx.cfg.model.max_length, add_eos=ctx.task.add_eos
     )
-    batch_size = ctx.cfg.score.batch_size
-    shared = model.shared_prompt_batches(rows, batch_size)
-    if shared is None or not model.sharing_is_cheaper(rows, shared, batch_size, hidden):
+    shared = model.sharing_plan(rows, ctx.cfg.score.batch_size, hidden)
+    if shared is None:
         return float(sum(len(ids) for ids, _ in rows))
     return float(model.shared_prompt_tokens(rows, shared))
 

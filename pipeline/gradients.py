@@ -102,6 +102,7 @@ class GradientSync:
         import torch.distributed as dist
 
         self.params, self.world, self.max_norm = params, world, max_norm
+        self.sizes = [p.numel() for p in params]
         self.shared_memory = shared_memory_ready(world)
         if self.shared_memory and not GradientSync._names_released:
             # Every rank has mapped every workspace once all are past this barrier; the
@@ -135,7 +136,7 @@ class GradientSync:
             scale *= min(1.0, self.max_norm / (norm + 1e-6))
         if scale != 1.0:
             flat.mul_(scale)
-        for p, part in zip(self.params, flat.split([g.numel() for g in grads])):
+        for p, part in zip(self.params, flat.split(self.sizes)):
             p.grad = part.view_as(p)
 
 

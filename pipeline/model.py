@@ -130,14 +130,9 @@ def tokenize_examples(
 
 def pad_examples(rows: list[tuple[list[int], int]], pad_token_id: int) -> Encoded:
     """Rows of `tokenize_examples` as one right-padded batch, labels on the responses."""
-    length = max((len(ids) for ids, _ in rows), default=1)
-    n = len(rows)
-    input_ids = np.full((n, length), pad_token_id, dtype=np.int64)
-    attention = np.zeros((n, length), dtype=np.int64)
-    labels = np.full((n, length), IGNORE, dtype=np.int64)
+    input_ids, attention = _right_padded([ids for ids, _ in rows], pad_token_id)
+    labels = np.full(input_ids.shape, IGNORE, dtype=np.int64)
     for i, (ids, n_prompt) in enumerate(rows):
-        input_ids[i, : len(ids)] = ids
-        attention[i, : len(ids)] = 1
         labels[i, n_prompt : len(ids)] = ids[n_prompt:]
     return Encoded(input_ids, attention, labels)
 
@@ -212,12 +207,8 @@ def example_losses(
     rows beside it."""
     max_length = min(max_length, context_length(model) or max_length)
     rows = tokenize_examples(tokenizer, prompts, responses, max_length=max_length, add_eos=add_eos)
-    shared = shared_prompt_batches(rows, batch_size)
-    if (
-        shared is not None
-        and sharing_is_cheaper(rows, shared, batch_size, hidden_size(model))
-        and _continues_from_cache(model)
-    ):
+    shared = sharing_plan(rows, batch_size, hidden_size(model))
+    if shared is not None and _continues_from_cache(model):
         with contextlib.suppress(NoCacheToShare):
             return shared_prompt_losses(model, rows, shared, tokenizer.pad_token_id)
     order = np.argsort([len(ids) for ids, _ in rows], kind="stable")
@@ -261,6 +252,17 @@ def shared_prompt_batches(
     pieces = [g[lo : lo + batch_size] for g in groups for lo in range(0, len(g), batch_size)]
     pieces.sort(key=lambda g: (rows[g[0]][1], max(len(rows[i][0]) for i in g)))
     return _fill_batches(pieces, batch_size)
+
+
+def sharing_plan(
+    rows: list[tuple[list[int], int]], batch_size: int, hidden: int | None
+) -> list[list[list[int]]] | None:
+    """The batches `shared_prompt_losses` scores `rows` in, or None when the rows are better
+    scored whole (no prompt shared, or `sharing_is_cheaper` says no)."""
+    batches = shared_prompt_batches(rows, batch_size)
+    if batches is None or not sharing_is_cheaper(rows, batches, batch_size, hidden):
+        return None
+    return batches
 
 
 def sharing_is_cheaper(
@@ -377,7 +379,8 @@ def _fill_batches(pieces: list[list[int]], batch_size: int) -> list[list[list[in
 
 
 def _right_padded(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(1, max(len(s) for s in sequences))
+    """Token ids right-padded to the longest (at least 1 wide), and their attention mask."""
+    width = max(1, max((len(s) for s in sequences), default=1))
     ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(sequences), width), dtype=np.int64)
     for i, s in enumerate(sequences):

@@ -178,15 +178,15 @@ def train_generation(
         shards = [dataset] * cfg.workers if job.in_order else dataset.split(cfg.workers, equal=True)
     storage = storage_dir if is_uri(storage_dir) else str(Path(storage_dir).resolve())
     train_dir = f"{storage.rstrip('/')}/train"
+    cpus_each = None if cfg.use_gpu else share(cfg.workers, cpus_per_worker)
     loop_config = {
         "job": asdict(job),
         "shards": shards,
         "ds_config": deepspeed_config(cfg, job.steps),
         "checkpoint_every": cfg.checkpoint_every,
         "env": env,
-        "cpus_each": None if cfg.use_gpu else share(cfg.workers, cpus_per_worker),
+        "cpus_each": cpus_each,
     }
-    cpus_each = loop_config["cpus_each"]
     if kept:
         final = _kept_trainer.train(
             dict(loop_config, train_dir=train_dir),
@@ -569,10 +569,10 @@ def _train_job(config: dict, resume_dir: str | None, hand_over) -> str | None:
     ds_config = config["ds_config"]
     zero3 = ds_config["zero_optimization"]["stage"] == 3
     own_sync = syncs_own_gradients(ds_config, get_accelerator().device_name())
-    if own_sync and config["cpus_each"]:  # before DeepSpeed builds its communication backend
-        offer_shared_memory(world, ctx.get_local_world_size(), config["cpus_each"])
-    max_norm = ds_config.get("gradient_clipping", 0.0)
-    if own_sync:  # genloop clips, after its own all-reduce (pipeline/gradients.py)
+    if own_sync:  # genloop averages and clips (pipeline/gradients.py), not DeepSpeed
+        if config["cpus_each"]:  # before DeepSpeed builds its communication backend
+            offer_shared_memory(world, ctx.get_local_world_size(), config["cpus_each"])
+        max_norm = ds_config.get("gradient_clipping", 0.0)
         ds_config = dict(ds_config, gradient_clipping=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(
