@@ -7,8 +7,10 @@ Each benchmark runs genloop's path and a plain baseline side by side in one run,
 times, and reports medians and the ratio genloop / baseline: loss scoring (ScoreActor pool,
 1 and 2 workers, vs a batched single-process loop), generation (batched KV-cache generation vs
 per-prompt HF generate), training (Ray Train + DeepSpeed, 1 and 2 workers, vs a plain torch
-loop), embedding (EmbedActor pool vs sentence-transformers), and one generation of the default
-run end to end (time per stage, share outside model compute). The hardware limit (fp32 matmul
+loop; the plain loop also as 2 processes, with torch DDP and with no communication at all, for
+what 2 workers can get on this machine without Ray), embedding (EmbedActor pool vs
+sentence-transformers), and one generation of the default run end to end (time per stage,
+share outside model compute). The hardware limit (fp32 matmul
 FLOP/s) is always measured first, for each path's model FLOP utilisation. Writes
 `DIR/bench.json` and `DIR/bench.md` (the tables, the machine, and each target met or not).
 Sizes come from the run config (the embedded default unless --config / key=value);
@@ -461,6 +463,11 @@ def summarize_benchmark(name: str, raw: dict, peaks: dict[int, float]) -> dict:
             # Weak scaling, the usual data-parallel measure: each worker keeps the batch one
             # worker had, so 2 workers train a global batch twice as large.
             out["scaling_weak"] = _scaling(paths, one, many="genloop_2w_weak")
+        # The same 1 -> 2 step without Ray, from the plain loop at one thread: torch DDP, and
+        # two processes that never communicate (the most the machine gives a second worker).
+        for plain in ("plain_ddp_2w", "plain_alone_2w"):
+            if plain in paths and "baseline_1t" in paths:
+                out[f"scaling_{plain}"] = _scaling(paths, "baseline_1t", many=plain)
     return out
 
 
@@ -669,6 +676,14 @@ def explain(key: str, b: dict) -> str:
                     f"with the batch per worker of 1 worker (weak scaling) {weak:.0%}: "
                     f"step {step_weak:.1f} ms at 2 workers vs {step_one:.1f} ms at 1"
                 )
+            ddp = bench.get("scaling_plain_ddp_2w", {}).get("steady")
+            alone = bench.get("scaling_plain_alone_2w", {}).get("steady")
+            if ddp is not None and alone is not None:
+                parts.append(
+                    f"without Ray, the plain loop scales {ddp:.0%} as torch DDP and {alone:.0%} "
+                    "as two processes that never communicate (the machine's own limit for "
+                    "this step)"
+                )
         e = one["extra_median"]
         if e.get("startup_s") is not None:
             parts.append(
@@ -789,6 +804,11 @@ def format_markdown(result: dict) -> str:
             ("scaling", "same CPUs per worker"),
             ("scaling_weak", "same CPUs and batch per worker (weak scaling)"),
             ("scaling_same_machine", "vs 1 worker on every CPU"),
+            ("scaling_plain_ddp_2w", "plain torch DDP, no Ray (vs the 1-thread plain loop)"),
+            (
+                "scaling_plain_alone_2w",
+                "two plain processes that never communicate (the machine's limit)",
+            ),
         ]
         for field_name, what in scalings:
             if field_name in bench:

@@ -644,7 +644,8 @@ def bench_training(ctx: BenchContext) -> dict:
     1 and 2 workers, and at 1 worker with the CPUs each of the 2 has (for scaling), vs a plain
     single-process torch loop, same model, data, steps and batch. For weak scaling, the most
     workers also train with the batch per worker that one worker has (the global batch times
-    the workers)."""
+    the workers). For what the machine allows that many workers without Ray, the plain loop
+    also runs as that many 1-thread processes (`plain_parallel_training`)."""
     from cluster.connect import cpus_per_worker as share
     from pipeline.inference import worker_env
     from pipeline.model import load_model
@@ -677,6 +678,21 @@ def bench_training(ctx: BenchContext) -> dict:
         genloop[(most, None, batch * most)] = PathRuns(
             f"{label}, {most} worker(s), global batch {batch * most} ({batch} per worker)"
         )
+    # What the machine gives `most` workers without Ray: the plain loop as `most` processes
+    # of one thread each (against the plain loop at one thread), with torch DDP, and with no
+    # communication at all.
+    plain_parallel = {}
+    if most > 1 and "baseline_1t" in baselines:
+        plain_parallel = {
+            True: PathRuns(
+                f"plain torch DDP (gloo), {most} processes, 1 thread each", threads=most
+            ),
+            False: PathRuns(
+                f"plain torch loop, {most} processes training alone on their share of the "
+                "batch (no communication)",
+                threads=most,
+            ),
+        }
     for rep in range(ctx.settings.repeats):
         for key, runs in baselines.items():
             with torch_threads(runs.threads):
@@ -684,6 +700,13 @@ def bench_training(ctx: BenchContext) -> dict:
             flops = model_flops(n_params, tokens, training=True)
             runs.add(tokens, flops, steady, whole, step_ms=1e3 * steady / t.steps)
             ctx.echo(f"[bench] training {rep + 1}: {key} {tokens / steady:,.0f} tokens/s")
+        for communicate, runs in plain_parallel.items():
+            tokens, steady, whole = plain_parallel_training(
+                ctx, data, ctx.work_dir / f"plain-parallel-{rep}", most, communicate=communicate
+            )
+            flops = model_flops(n_params, tokens, training=True)
+            runs.add(tokens, flops, steady, whole, step_ms=1e3 * steady / t.steps)
+            ctx.echo(f"[bench] training {rep + 1}: {runs.label} {tokens / steady:,.0f} tokens/s")
         for (workers, cpus, batch_size), runs in genloop.items():
             storage = ctx.work_dir / f"train-{workers}w-{cpus}cpu-{batch_size}-{rep}"
             train_cfg = dataclasses.replace(
@@ -721,6 +744,7 @@ def bench_training(ctx: BenchContext) -> dict:
             )
     paths = {
         **baselines,
+        **{_plain_parallel_path(most, c): r for c, r in plain_parallel.items()},
         **{_training_path(w, c, b != batch): r for (w, c, b), r in genloop.items()},
     }
     return {
@@ -740,6 +764,11 @@ def _training_path(workers: int, cpus: int | None, weak: bool = False) -> str:
     worker of 1 worker)."""
     name = f"genloop_{workers}w" if cpus is None else f"genloop_{workers}w_{cpus}cpu"
     return f"{name}_weak" if weak else name
+
+
+def _plain_parallel_path(workers: int, communicate: bool) -> str:
+    """plain_ddp_2w (torch DDP), plain_alone_2w (no communication)."""
+    return f"plain_{'ddp' if communicate else 'alone'}_{workers}w"
 
 
 def training_rows(ctx: BenchContext) -> pd.DataFrame:
@@ -783,11 +812,30 @@ def plain_training(
     clipping as genloop's DeepSpeed config; tokenizes each batch; saves the model at the end.
 
     Returns (tokens trained on, loop seconds including the save, whole seconds)."""
-    import torch
-
-    t = ctx.cfg.train
     wall = time.perf_counter()
     model, tokenizer = _load_plain(ctx.model_dir)
+    tokens, loop_s = _plain_train_loop(
+        model,
+        tokenizer,
+        data["prompt"].to_numpy(),
+        data["response"].to_numpy(),
+        ctx.cfg.train,
+        seed=ctx.cfg.seed,
+        add_eos=ctx.task.add_eos,
+        max_length=ctx.cfg.model.max_length,
+        out_dir=out_dir,
+    )
+    return tokens, loop_s, time.perf_counter() - wall
+
+
+def _plain_train_loop(
+    model, tokenizer, prompts, responses, t, *, seed, add_eos, max_length, out_dir
+) -> tuple[int, float]:
+    """`t.steps` AdamW steps of `t.batch_size` rows (shuffled epochs), each batch tokenized
+    as it comes; the model is saved into `out_dir` (None: not saved, another rank saves) and
+    removed again. Returns (tokens trained on, seconds of the loop and the save)."""
+    import torch
+
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay
@@ -796,21 +844,16 @@ def plain_training(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if t.warmup_steps else 1.0
     )
-    rng = np.random.default_rng(ctx.cfg.seed)
-    prompts, responses = data["prompt"].to_numpy(), data["response"].to_numpy()
-    order, cursor, tokens = rng.permutation(len(data)), 0, 0
+    rng = np.random.default_rng(seed)
+    order, cursor, tokens = rng.permutation(len(prompts)), 0, 0
     started = time.perf_counter()
     for _ in range(t.steps):
         if cursor + t.batch_size > len(order):
-            order, cursor = rng.permutation(len(data)), 0
+            order, cursor = rng.permutation(len(prompts)), 0
         index = order[cursor : cursor + t.batch_size]
         cursor += t.batch_size
         ids, mask, labels = _plain_batch(
-            tokenizer,
-            prompts[index],
-            responses[index],
-            add_eos=ctx.task.add_eos,
-            max_length=ctx.cfg.model.max_length,
+            tokenizer, prompts[index], responses[index], add_eos=add_eos, max_length=max_length
         )
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
@@ -819,11 +862,115 @@ def plain_training(
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         tokens += int(mask.sum())
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    if out_dir is not None:
+        getattr(model, "module", model).save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
     end = time.perf_counter()
-    shutil.rmtree(out_dir, ignore_errors=True)
-    return tokens, end - started, end - wall
+    if out_dir is not None:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return tokens, end - started
+
+
+def plain_parallel_training(
+    ctx: BenchContext, data: pd.DataFrame, out_dir: Path, workers: int, *, communicate: bool
+) -> tuple[int, float, float]:
+    """The plain data-parallel baseline: `workers` processes of one torch thread each, no
+    Ray, each training the plain loop on its share of the rows with the global batch split
+    between them. With `communicate`, the model is wrapped in torch's
+    DistributedDataParallel (gloo): what a user would write for 2 workers. Without it, each
+    process trains alone on its half batch: two programs that share nothing but the
+    machine, the most any data-parallel training can get from its cores here.
+
+    Returns (tokens over all processes, seconds of the slowest process's loop, whole
+    seconds: process start, imports and model load included)."""
+    import multiprocessing
+    import socket
+
+    t = ctx.cfg.train
+    with socket.socket() as s:  # a free port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn = multiprocessing.get_context("spawn")  # this process runs Ray's threads: no fork
+    results = spawn.Queue()
+    shard = dataclasses.replace(t, batch_size=t.batch_size // workers)
+    prompts, responses = data["prompt"].to_numpy(), data["response"].to_numpy()
+    wall = time.perf_counter()
+    ranks = [
+        spawn.Process(
+            target=_plain_rank,
+            args=(
+                rank,
+                workers,
+                port,
+                ctx.model_dir,
+                prompts[rank::workers],
+                responses[rank::workers],
+                shard,
+                ctx.cfg.seed + rank,
+                ctx.task.add_eos,
+                ctx.cfg.model.max_length,
+                out_dir,
+                communicate,
+                results,
+            ),
+        )
+        for rank in range(workers)
+    ]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join()
+    whole = time.perf_counter() - wall
+    failed = [r for r, process in enumerate(ranks) if process.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"plain data-parallel training: rank(s) {failed} failed")
+    measured = [results.get(timeout=10) for _ in ranks]
+    return sum(tokens for tokens, _ in measured), max(loop for _, loop in measured), whole
+
+
+def _plain_rank(
+    rank,
+    world,
+    port,
+    model_dir,
+    prompts,
+    responses,
+    t,
+    seed,
+    add_eos,
+    max_length,
+    out_dir,
+    communicate,
+    results,
+) -> None:
+    """One process of `plain_parallel_training`."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        model, tokenizer = _load_plain(model_dir)
+        if communicate:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        dist.barrier()  # every rank loaded: the loops start together
+        measured = _plain_train_loop(
+            model,
+            tokenizer,
+            prompts,
+            responses,
+            t,
+            seed=seed,
+            add_eos=add_eos,
+            max_length=max_length,
+            out_dir=out_dir if rank == 0 else None,
+        )
+        results.put(measured)
+        dist.barrier()  # no rank leaves the group while another still trains
+    finally:
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- embedding

@@ -169,6 +169,26 @@ def test_weak_scaling_keeps_the_batch_per_worker():
     assert _training_path(2, None, weak=True) == "genloop_2w_weak"
 
 
+def test_plain_scaling_shows_what_the_machine_allows():
+    raw = _raw_benchmark([1.0], [1.0], [0.625], steady_1t=[1.25])  # 800 tok/s at 1 thread
+    for key, seconds in (("plain_ddp_2w", 0.8), ("plain_alone_2w", 0.625)):
+        runs = PathRuns(key, threads=2)
+        runs.add(1000.0, 2e9, seconds, 10.0, step_ms=1.0)
+        raw["paths"][key] = runs.to_dict()
+    summary = bench.summarize_benchmark("training", raw, {1: 1e9})
+    # Against the 1-thread plain loop: 1250 / (2 x 800), 1600 / (2 x 800).
+    assert summary["scaling_plain_ddp_2w"]["steady"] == pytest.approx(0.78125)
+    assert summary["scaling_plain_alone_2w"]["steady"] == pytest.approx(1.0)
+    assert summary["scaling"]["steady"] == pytest.approx(0.8)  # genloop's own: unchanged
+    result = _result()
+    result["benchmarks"]["training"] = summary
+    text = bench.format_markdown(result)
+    assert "plain torch DDP, no Ray (vs the 1-thread plain loop) | | | | 78%" in text
+    assert "never communicate (the machine's limit) | | | | 100%" in text
+    why = bench.explain("training_scaling", {"training": summary})
+    assert "the plain loop scales 78% as torch DDP and 100% as two processes" in why
+
+
 def _stage(generation, name, start, seconds, **extra):
     times = dict(compute_s=0.0, startup_s=0.0, idle_s=0.0, tail_s=0.0, other_s=0.0)
     return {
@@ -476,6 +496,9 @@ def test_bench_quick_end_to_end(tmp_path):
             assert ratio["steady"] > 0 and ratio["whole"] > 0
     assert benchmarks["scoring"]["checks"]["max_abs_loss_difference"] < 1e-4
     assert benchmarks["training"]["scaling"]["steady"] > 0
+    if result["machine"]["torch_threads"] > 1:  # the plain 2-process runs need a second core
+        for plain in ("plain_ddp_2w", "plain_alone_2w"):
+            assert benchmarks["training"][f"scaling_{plain}"]["steady"] > 0
     e2e = benchmarks["end_to_end"]
     assert "error" not in e2e, e2e
     assert {"generate", "score", "train", "evaluate"} <= set(e2e["per_stage"])
