@@ -38,11 +38,18 @@ import pandas as pd
 
 from pipeline import bench_probes
 from pipeline.bench import model_flops
+from pipeline.bench_plain import (
+    IGNORE,
+    PlainTraining,
+    load_plain,
+    plain_batch,
+    start_ids,
+    train_loop,
+    train_rank,
+)
 from pipeline.config import RunConfig
 from pipeline.loop import Progress
 from pipeline.tasks import Task
-
-IGNORE = -100
 
 
 @dataclass
@@ -218,44 +225,9 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _start_ids(tokenizer) -> list[int]:
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return [] if start is None else [start]
-
-
 def _lengths(tokenizer, texts: list[str]) -> np.ndarray:
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     return np.array([len(i) for i in ids], dtype=np.int64)
-
-
-def _load_plain(model_dir: str):
-    """What a user's script starts with: the model and tokenizer, from_pretrained."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return model, tokenizer
-
-
-def _plain_batch(tokenizer, prompts, responses, *, add_eos: bool, max_length: int):
-    """[start] + prompt + response (+ eos), right-padded; labels only on the response."""
-    import torch
-
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    start, end = _start_ids(tokenizer), [tokenizer.eos_token_id] if add_eos else []
-    rows = [(start + p + r + end)[:max_length] for p, r in zip(p_ids, r_ids)]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (row, p) in enumerate(zip(rows, p_ids)):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-        n_prompt = len(start) + len(p)
-        labels[i, n_prompt : len(row)] = ids[i, n_prompt : len(row)]
-    return ids, mask, labels
 
 
 def scoring_rows(ctx: BenchContext) -> pd.DataFrame:
@@ -275,7 +247,7 @@ def _score_texts(ctx: BenchContext, rows: pd.DataFrame) -> tuple[list[str], list
 
 def _example_tokens(ctx: BenchContext, tokenizer, prompts, responses) -> np.ndarray:
     """Tokens each (prompt, response) row puts through the model (no padding)."""
-    start = len(_start_ids(tokenizer))
+    start = len(start_ids(tokenizer))
     n = start + _lengths(tokenizer, prompts) + _lengths(tokenizer, responses)
     n = n + (1 if ctx.task.add_eos else 0)
     return np.minimum(n, ctx.cfg.model.max_length)
@@ -457,13 +429,13 @@ def plain_scoring(model_dir, prompts, responses, *, batch_size, add_eos, max_len
     import torch.nn.functional as F
 
     wall = time.perf_counter()
-    model, tokenizer = _load_plain(model_dir)
+    model, tokenizer = load_plain(model_dir)
     model.eval()
     started = time.perf_counter()
     out = []
     with torch.no_grad():
         for lo in range(0, len(prompts), batch_size):
-            ids, mask, labels = _plain_batch(
+            ids, mask, labels = plain_batch(
                 tokenizer,
                 prompts[lo : lo + batch_size],
                 responses[lo : lo + batch_size],
@@ -510,7 +482,7 @@ def bench_generation(ctx: BenchContext) -> dict:
 
     def work(prompts: list[str], responses: list[str]) -> tuple[float, float]:
         sampled = sampled_tokens(tokenizer, responses, budget)
-        prompt_tokens = (_lengths(tokenizer, prompts) + len(_start_ids(tokenizer))).sum()
+        prompt_tokens = (_lengths(tokenizer, prompts) + len(start_ids(tokenizer))).sum()
         processed = prompt_tokens * g.samples_per_prompt + sampled
         return float(sampled), model_flops(n_params, float(processed), training=False)
 
@@ -586,7 +558,7 @@ def bench_generation(ctx: BenchContext) -> dict:
 
 def generation_budget(tokenizer, prompts: list[str], max_new_tokens: int, max_length: int) -> int:
     """New tokens per sample, as `pipeline.model.generate` allows them."""
-    start = len(_start_ids(tokenizer))
+    start = len(start_ids(tokenizer))
     keep = max_length - max(1, min(max_new_tokens, max_length // 2))
     longest = int(np.minimum(_lengths(tokenizer, prompts) + start, keep).max()) if prompts else 0
     return max(1, min(max_new_tokens, max_length - longest))
@@ -608,9 +580,9 @@ def plain_generation(
     import torch
 
     wall = time.perf_counter()
-    model, tokenizer = _load_plain(model_dir)
+    model, tokenizer = load_plain(model_dir)
     model.eval()
-    start = _start_ids(tokenizer)
+    start = start_ids(tokenizer)
     started = time.perf_counter()
     out: list[str] = []
     with torch.no_grad():
@@ -813,62 +785,19 @@ def plain_training(
 
     Returns (tokens trained on, loop seconds including the save, whole seconds)."""
     wall = time.perf_counter()
-    model, tokenizer = _load_plain(ctx.model_dir)
-    tokens, loop_s = _plain_train_loop(
+    model, tokenizer = load_plain(ctx.model_dir)
+    tokens, loop_s = train_loop(
         model,
         tokenizer,
         data["prompt"].to_numpy(),
         data["response"].to_numpy(),
-        ctx.cfg.train,
+        PlainTraining.of(ctx.cfg.train),
         seed=ctx.cfg.seed,
         add_eos=ctx.task.add_eos,
         max_length=ctx.cfg.model.max_length,
         out_dir=out_dir,
     )
     return tokens, loop_s, time.perf_counter() - wall
-
-
-def _plain_train_loop(
-    model, tokenizer, prompts, responses, t, *, seed, add_eos, max_length, out_dir
-) -> tuple[int, float]:
-    """`t.steps` AdamW steps of `t.batch_size` rows (shuffled epochs), each batch tokenized
-    as it comes; the model is saved into `out_dir` (None: not saved, another rank saves) and
-    removed again. Returns (tokens trained on, seconds of the loop and the save)."""
-    import torch
-
-    model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay
-    )
-    warmup = max(1, t.warmup_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) if t.warmup_steps else 1.0
-    )
-    rng = np.random.default_rng(seed)
-    order, cursor, tokens = rng.permutation(len(prompts)), 0, 0
-    started = time.perf_counter()
-    for _ in range(t.steps):
-        if cursor + t.batch_size > len(order):
-            order, cursor = rng.permutation(len(prompts)), 0
-        index = order[cursor : cursor + t.batch_size]
-        cursor += t.batch_size
-        ids, mask, labels = _plain_batch(
-            tokenizer, prompts[index], responses[index], add_eos=add_eos, max_length=max_length
-        )
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        tokens += int(mask.sum())
-    if out_dir is not None:
-        getattr(model, "module", model).save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-    end = time.perf_counter()
-    if out_dir is not None:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    return tokens, end - started
 
 
 def plain_parallel_training(
@@ -892,12 +821,12 @@ def plain_parallel_training(
         port = s.getsockname()[1]
     spawn = multiprocessing.get_context("spawn")  # this process runs Ray's threads: no fork
     results = spawn.Queue()
-    shard = dataclasses.replace(t, batch_size=t.batch_size // workers)
+    shard = PlainTraining.of(t, batch_size=t.batch_size // workers)
     prompts, responses = data["prompt"].to_numpy(), data["response"].to_numpy()
     wall = time.perf_counter()
     ranks = [
         spawn.Process(
-            target=_plain_rank,
+            target=train_rank,
             args=(
                 rank,
                 workers,
@@ -926,51 +855,6 @@ def plain_parallel_training(
         raise RuntimeError(f"plain data-parallel training: rank(s) {failed} failed")
     measured = [results.get(timeout=10) for _ in ranks]
     return sum(tokens for tokens, _ in measured), max(loop for _, loop in measured), whole
-
-
-def _plain_rank(
-    rank,
-    world,
-    port,
-    model_dir,
-    prompts,
-    responses,
-    t,
-    seed,
-    add_eos,
-    max_length,
-    out_dir,
-    communicate,
-    results,
-) -> None:
-    """One process of `plain_parallel_training`."""
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        model, tokenizer = _load_plain(model_dir)
-        if communicate:
-            model = torch.nn.parallel.DistributedDataParallel(model)
-        dist.barrier()  # every rank loaded: the loops start together
-        measured = _plain_train_loop(
-            model,
-            tokenizer,
-            prompts,
-            responses,
-            t,
-            seed=seed,
-            add_eos=add_eos,
-            max_length=max_length,
-            out_dir=out_dir if rank == 0 else None,
-        )
-        results.put(measured)
-        dist.barrier()  # no rank leaves the group while another still trains
-    finally:
-        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- embedding
@@ -1173,7 +1057,7 @@ def _add_stage_flops(ctx: BenchContext, run_dir: Path, stages: list[dict]) -> No
 
     model, tokenizer = load_model(ctx.model_dir)
     n_params, hidden = compute_params(model), hidden_size(model)
-    start = len(_start_ids(tokenizer))
+    start = len(start_ids(tokenizer))
     eos = 1 if ctx.task.add_eos else 0
     heldout = ctx.task.heldout
     held_p = _lengths(tokenizer, heldout["prompt"].tolist()) + start
