@@ -10,8 +10,8 @@ per-prompt HF generate), training (Ray Train + DeepSpeed, 1 and 2 workers, vs a 
 loop; the plain loop also as 2 processes, with torch DDP and with no communication at all, for
 what 2 workers can get on this machine without Ray), embedding (EmbedActor pool vs
 sentence-transformers), and one generation of the default run end to end (time per stage,
-share outside model compute). The hardware limit (fp32 matmul
-FLOP/s) is always measured first, for each path's model FLOP utilisation. Writes
+share outside model compute). The hardware limit (fp32 matmul FLOP/s) is always measured
+first, for each path's model FLOP utilisation. Writes
 `DIR/bench.json` and `DIR/bench.md` (the tables, the machine, and each target met or not).
 Sizes come from the run config (the embedded default unless --config / key=value);
 `--quick` shrinks everything to a smoke test of a minute or two.
