@@ -208,7 +208,7 @@ def example_losses(
     max_length = min(max_length, context_length(model) or max_length)
     rows = tokenize_examples(tokenizer, prompts, responses, max_length=max_length, add_eos=add_eos)
     shared = sharing_plan(rows, batch_size, hidden_size(model))
-    if shared is not None and _continues_from_cache(model):
+    if shared is not None and cache_argument(model):
         with contextlib.suppress(NoCacheToShare):
             return shared_prompt_losses(model, rows, shared, tokenizer.pad_token_id)
     order = np.argsort([len(ids) for ids, _ in rows], kind="stable")
@@ -299,14 +299,20 @@ def shared_prompt_tokens(rows: list[tuple[list[int], int]], batches) -> int:
 
 
 class NoCacheToShare(Exception):
-    """The model's forward returned no `Cache` (older remote code): score rows whole."""
+    """The model cannot continue from a KV cache (its forward takes none at given positions,
+    or returned none: older remote code): score rows whole."""
 
 
-def _continues_from_cache(model) -> bool:
+def cache_argument(model) -> str | None:
+    """The keyword the model's forward takes a KV cache under, when it can continue from one
+    at given positions: `cache` (recent transformers; 5.25 warns at `past_key_values`, and
+    5.40 drops it) or `past_key_values` (before); None when it cannot."""
     import inspect
 
     accepts = inspect.signature(model.forward).parameters
-    return "past_key_values" in accepts and "position_ids" in accepts
+    if "position_ids" not in accepts:
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in accepts), None)
 
 
 @torch.no_grad()
@@ -319,6 +325,9 @@ def shared_prompt_losses(
     losses are the full-sequence ones (within float rounding: 1e-6 on the default model)."""
     from transformers.cache_utils import Cache
 
+    cache_keyword = cache_argument(model)
+    if cache_keyword is None:
+        raise NoCacheToShare(type(model).__name__)
     device = next(model.parameters()).device
     mean = np.full(len(rows), np.nan, dtype=np.float32)
     counts = np.zeros(len(rows), dtype=np.int64)
@@ -336,10 +345,10 @@ def shared_prompt_losses(
             attention_mask=torch.from_numpy(prompt_mask).to(**to),
             use_cache=True,
         )
-        if not isinstance(out.past_key_values, Cache):
+        cache = out.get(cache_keyword)  # the output names it as the forward does
+        if not isinstance(cache, Cache):
             raise NoCacheToShare(type(model).__name__)
         owner_t = torch.from_numpy(owner).to(**to)
-        cache = out.past_key_values
         cache.reorder_cache(owner_t)
         last = torch.from_numpy(prompt_lengths - 1).to(**to)
         first_logits = out.logits[torch.arange(len(batch), **to), last][owner_t]
@@ -352,8 +361,8 @@ def shared_prompt_losses(
                 np.concatenate([prompt_mask[owner], response_mask], axis=1)
             ).to(**to),
             position_ids=torch.from_numpy(positions).to(**to),
-            past_key_values=cache,
             use_cache=False,
+            **{cache_keyword: cache},
         ).logits
         logits = torch.cat([first_logits[:, None], logits[:, :-1]], dim=1).float()
         targets = torch.from_numpy(response_ids).to(**to)
