@@ -622,7 +622,7 @@ def _train_job(config: dict, resume_dir: str | None, hand_over) -> str | None:
             engine.step()
             step += 1
             tokens += int(enc.attention_mask.sum())
-            losses.append(float(out.loss))
+            losses.append(out.loss.item())
             if step % 50 == 0 or step == job.steps:
                 state["log"].append({"step": step, "loss": float(np.mean(losses[-50:]))})
             if job.target_accuracy is not None and step % job.eval_every == 0:
