@@ -253,18 +253,18 @@ def _example_tokens(ctx: BenchContext, tokenizer, prompts, responses) -> np.ndar
     return np.minimum(n, ctx.cfg.model.max_length)
 
 
-def _scored_tokens(ctx: BenchContext, tokenizer, prompts, responses, hidden: int | None) -> float:
-    """Tokens genloop's scoring puts through the model: a prompt that rows share runs once
-    when that plan is the cheaper one (`pipeline.model.sharing_plan`)."""
-    from pipeline import model
+def _scored_tokens(ctx: BenchContext, model, tokenizer, prompts, responses) -> float:
+    """Tokens genloop's scoring puts through `model`: a prompt that rows share runs once when
+    scoring takes that plan (`pipeline.model.sharing_plan`, the decision scoring makes)."""
+    from pipeline.model import shared_prompt_tokens, sharing_plan, tokenize_examples
 
-    rows = model.tokenize_examples(
+    rows = tokenize_examples(
         tokenizer, prompts, responses, max_length=ctx.cfg.model.max_length, add_eos=ctx.task.add_eos
     )
-    shared = model.sharing_plan(rows, ctx.cfg.score.batch_size, hidden)
+    shared = sharing_plan(model, rows, ctx.cfg.score.batch_size)
     if shared is None:
         return float(sum(len(ids) for ids, _ in rows))
-    return float(model.shared_prompt_tokens(rows, shared))
+    return float(shared_prompt_tokens(rows, shared))
 
 
 # --------------------------------------------------------------------------- hardware
@@ -337,7 +337,7 @@ def _gpu_matmul(settings: BenchSettings) -> dict:
 def bench_scoring(ctx: BenchContext) -> dict:
     """genloop's ScoreActor pool (map_with_actors) vs a batched single-process loop."""
     from pipeline.inference import map_with_actors
-    from pipeline.model import hidden_size, load_model
+    from pipeline.model import load_model
 
     cfg, s = ctx.cfg, ctx.cfg.score
     rows = scoring_rows(ctx)
@@ -347,7 +347,7 @@ def bench_scoring(ctx: BenchContext) -> dict:
     tokens = float(_example_tokens(ctx, tokenizer, prompts, responses).sum())
     flops = model_flops(n_params, tokens, training=False)
     # genloop runs a prompt its k samples share once: fewer tokens, the same losses.
-    forward_tokens = _scored_tokens(ctx, tokenizer, prompts, responses, hidden_size(model))
+    forward_tokens = _scored_tokens(ctx, model, tokenizer, prompts, responses)
     genloop_flops = model_flops(n_params, forward_tokens, training=False)
     baselines = _baselines(f"single-process torch loop, batch {s.batch_size}")
     pools = {w: PathRuns(f"genloop ScoreActor pool, {w} worker(s)") for w in ctx.settings.workers}
@@ -1053,10 +1053,10 @@ def _add_stage_flops(ctx: BenchContext, run_dir: Path, stages: list[dict]) -> No
     """Model FLOPs of each model stage, from what the stage produced (forward ~2 x params x
     tokens, training ~6 x params x tokens; attention left out). Evaluation counts its passes
     over the held-out rows, not an embedding of the mix."""
-    from pipeline.model import hidden_size, load_model
+    from pipeline.model import load_model
 
     model, tokenizer = load_model(ctx.model_dir)
-    n_params, hidden = compute_params(model), hidden_size(model)
+    n_params = compute_params(model)
     start = len(start_ids(tokenizer))
     eos = 1 if ctx.task.add_eos else 0
     heldout = ctx.task.heldout
@@ -1079,12 +1079,12 @@ def _add_stage_flops(ctx: BenchContext, run_dir: Path, stages: list[dict]) -> No
             )
             if "loss" in samples.columns:  # the generating actors scored their samples, too
                 prompts, responses = _score_texts(ctx, samples)
-                tokens += _scored_tokens(ctx, tokenizer, prompts, responses, hidden)
+                tokens += _scored_tokens(ctx, model, tokenizer, prompts, responses)
             stage["flops"] = model_flops(n_params, tokens, training=False)
         elif stage["stage"] == "score" and _ran(stage, "ScoreActor"):
             scored = pd.read_parquet(gen_dir / "scored.parquet", columns=["prompt", "response"])
             prompts, responses = _score_texts(ctx, scored)
-            tokens = _scored_tokens(ctx, tokenizer, prompts, responses, hidden)
+            tokens = _scored_tokens(ctx, model, tokenizer, prompts, responses)
             stage["flops"] = model_flops(n_params, tokens, training=False)
         elif stage["stage"] == "train" and "tokens" in stage:
             tokens = float(stage["tokens"])

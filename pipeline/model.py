@@ -207,8 +207,8 @@ def example_losses(
     rows beside it."""
     max_length = min(max_length, context_length(model) or max_length)
     rows = tokenize_examples(tokenizer, prompts, responses, max_length=max_length, add_eos=add_eos)
-    shared = sharing_plan(rows, batch_size, hidden_size(model))
-    if shared is not None and cache_argument(model):
+    shared = sharing_plan(model, rows, batch_size)
+    if shared is not None:
         with contextlib.suppress(NoCacheToShare):
             return shared_prompt_losses(model, rows, shared, tokenizer.pad_token_id)
     order = np.argsort([len(ids) for ids, _ in rows], kind="stable")
@@ -255,12 +255,15 @@ def shared_prompt_batches(
 
 
 def sharing_plan(
-    rows: list[tuple[list[int], int]], batch_size: int, hidden: int | None
+    model, rows: list[tuple[list[int], int]], batch_size: int
 ) -> list[list[list[int]]] | None:
-    """The batches `shared_prompt_losses` scores `rows` in, or None when the rows are better
-    scored whole (no prompt shared, or `sharing_is_cheaper` says no)."""
+    """The batches `shared_prompt_losses` scores `rows` in, or None when they are scored whole:
+    the model cannot continue from a KV cache (`cache_argument`), no prompt is shared, or
+    `sharing_is_cheaper` says no."""
+    if cache_argument(model) is None:
+        return None
     batches = shared_prompt_batches(rows, batch_size)
-    if batches is None or not sharing_is_cheaper(rows, batches, batch_size, hidden):
+    if batches is None or not sharing_is_cheaper(rows, batches, batch_size, hidden_size(model)):
         return None
     return batches
 
