@@ -32,7 +32,7 @@ import requests
 from tests.tiny import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[2]
-# Needs both cores for minutes: run with `make test-cluster` (not part of `make test`).
+# Needs both cores for minutes; part of `make test`, and alone: `make test-cluster`.
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
 ONE_PER_STAGE = ["train.workers=2", "generate.workers=1", "score.workers=1", "eval.workers=1"]
