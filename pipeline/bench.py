@@ -135,22 +135,20 @@ def parse_only(text: str | None) -> list[str]:
     """`--only` -> benchmark names in the order they run; raises UsageError on unknown ones."""
     from pipeline.cli import UsageError
 
-    if not text:
+    if text is None:
         return list(BENCHMARKS)
     names = [n.strip().replace("-", "_") for n in text.split(",") if n.strip()]
     names = ["end_to_end" if n in ("e2e", "end2end") else n for n in names]
     unknown = [n for n in names if n not in BENCHMARKS and n != "hardware"]
     if unknown or not names:
-        raise UsageError(
-            f"--only {text!r}: unknown benchmark {', '.join(unknown) or '(none)'}; "
-            f"choose from {','.join(BENCHMARKS)}"
-        )
+        what = f"unknown benchmark {', '.join(unknown)}" if unknown else "names no benchmark"
+        raise UsageError(f"--only {text!r}: {what}; choose from {','.join(BENCHMARKS)}")
     return [n for n in BENCHMARKS if n in names]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench_stages import BenchSettings
-    from pipeline.cli import UsageError
+    from pipeline.cli import UsageError, make_output_dir
     from pipeline.config import load_config
 
     only = parse_only(args.only)
@@ -174,7 +172,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     if args.repeats is not None:
         settings = dataclasses.replace(settings, repeats=args.repeats)
-    out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    # Made now: the results come after minutes of work.
+    out = make_output_dir(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     result = run_bench(cfg, settings, only, quick=args.quick, overrides=overrides)

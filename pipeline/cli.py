@@ -36,6 +36,37 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         raise UsageError(f"--seeds {text!r}: expected integers like 0,1,2") from None
 
 
+def check_output(path: str | Path, flag: str, *, file: bool = False) -> Path:
+    """Refuse, before any work, a local output path that cannot be written: a directory
+    (`file=False`) or file (`file=True`) that the command could not create or replace,
+    because a file or directory is in its place, a file is on its way, or its nearest
+    existing directory is not writable. Creates nothing; returns the path."""
+    path = Path(path)
+    if file and path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory; give a file name")
+    if not file and path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: exists and is not a directory")
+    existing = path.absolute() if not file else path.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not writable")
+    return path
+
+
+def make_output_dir(path: str | Path, flag: str) -> Path:
+    """`check_output`, then create the directory (for a command that writes into it as it
+    goes, or whose results come after minutes of work); an OS refusal is a UsageError."""
+    path = check_output(path, flag)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot create the directory ({e.strerror})") from None
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come before, between or after the options (`run --config X a=1 --run-dir Y
@@ -148,6 +179,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.task.name}")
+        if remote is None:
+            check_output(run_dir, "--run-dir")
         if (
             remote.holds_a_run()
             if remote is not None

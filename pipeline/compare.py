@@ -74,7 +74,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import ray
 
     from cluster.connect import connect
-    from pipeline.cli import parse_seeds
+    from pipeline.cli import make_output_dir, parse_seeds
     from pipeline.config import load_config
     from pipeline.inference import worker_env
     from pipeline.loop import Progress, run_loop
@@ -95,8 +95,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     make_task(runs[0][2].task, runs[0][2].seed)
     shareable = all(k.startswith(GEN0_FREE) for a in grid for k in a)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(args.out, "--out")
     print(
         f"genloop compare: {len(grid)} variants x {len(seeds)} seeds = {len(runs)} runs in {out}",
         flush=True,

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.cli import UsageError
+from pipeline.cli import UsageError, check_output
 from pipeline.data import DataError, atomic_path, read_records, read_text, write_json, write_parquet
 
 
@@ -181,9 +181,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     for model in args.model:
         check_model_path(model)
     frame, description, pairs = load_examples(args.data, settings, args.limit)
-    out = Path(args.out or f"diagnose-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
+    out = check_output(args.out or f"diagnose-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
     add_eos = pairs if settings.add_eos is None else settings.add_eos
     device = settings.device or _default_device()
     _quiet_transformers()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli import UsageError
+from pipeline.cli import UsageError, check_output
 
 
 def register(subparsers) -> None:
@@ -32,8 +32,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.html_report import write_report
 
     run_dir = Path(args.run_dir)
-    if args.out and Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out}: is a directory; give a file name, e.g. report.html")
+    if args.out:
+        check_output(args.out, "--out", file=True)
     try:
         path, report = write_report(run_dir, args.out)
     except (FileNotFoundError, ValueError) as e:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.cli import UsageError
+from pipeline.cli import UsageError, check_output
 from pipeline.config import ConfigError, ModelConfig, TrainConfig
 from pipeline.data import DataError, atomic_path, read_records, write_parquet
 from selection.base import Selection, resolve_budget
@@ -139,7 +139,7 @@ def cmd_select(args: argparse.Namespace, echo: Callable[[str], None] | None = No
     if method not in SELECTORS:
         raise UsageError(f"--method: unknown method {method!r}; valid: {', '.join(SELECTORS)}")
     budget = parse_budget(args.budget)
-    out = Path(args.out)
+    out = check_output(args.out, "--out", file=True)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"--out {out}: unknown suffix {out.suffix!r}; use .parquet or .jsonl")
     fields, options = parse_options(method, args.options)

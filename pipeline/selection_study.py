@@ -161,7 +161,7 @@ def register(commands) -> None:
 
 
 def cmd_selection_study(args: argparse.Namespace, echo: Callable[[str], None] | None = None) -> int:
-    from pipeline.cli import UsageError, parse_seeds
+    from pipeline.cli import UsageError, make_output_dir, parse_seeds
     from pipeline.select_cmd import _with_ray
 
     echo = echo or (lambda line: print(line, flush=True))
@@ -183,8 +183,8 @@ def cmd_selection_study(args: argparse.Namespace, echo: Callable[[str], None] | 
         path = getattr(study, name, None)
         if path is not None and not Path(path).is_file():
             raise UsageError(f"--{name} {path}: no such file")
-    out = Path(args.out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(args.out, "--out")
+    (out / "cells").mkdir(exist_ok=True)
     echo(f"genloop selection-study {args.study}: {out}")
     _with_ray(lambda: run(study, out, echo), verbose=args.verbose, use_gpu=False, echo=echo)
     echo(f"wrote {out / 'results.csv'} and {out / 'summary.md'}")

@@ -660,7 +660,7 @@ def register(commands) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     import os
 
-    from pipeline.cli import UsageError
+    from pipeline.cli import UsageError, check_output
 
     if args.resume:
         if args.config or args.overrides or args.out or args.runs_dir:
@@ -677,6 +677,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         search = load_search(args.config, args.overrides)
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(args.config).stem}"
         experiment = _location(args.out or f"runs/tune/{name}")
+        if "://" not in experiment:
+            check_output(experiment, "--out")
         if _exists(experiment, SPEC_FILE):
             raise UsageError(
                 f"{experiment} already holds an experiment; continue it with --resume {experiment}"
@@ -686,7 +688,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             if "://" not in experiment
             else f"runs/tune/{_name(experiment)}/runs"
         )
-        runs_dir = str(Path(args.runs_dir or default_runs).resolve())
+        runs_dir = str(check_output(args.runs_dir or default_runs, "--runs-dir").resolve())
         gen0_dir = str(Path(runs_dir) / "generation_0") if search.shares_generation_zero else None
     from pipeline.tasks import make_task
 

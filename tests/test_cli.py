@@ -96,3 +96,66 @@ def test_unknown_flag_is_a_usage_error():
     with pytest.raises(SystemExit) as info:
         main(["run", "--frobnicate"])
     assert info.value.code == 2
+
+
+TUNE_PRESET = "ray_configs/tune/arithmetic_fraction_budget.yaml"
+
+
+@pytest.mark.parametrize(
+    "flag, argv",
+    [
+        ("--run-dir", ["run", "--run-dir", "{file}"]),
+        ("--run-dir", ["run", "--run-dir", "{file}/run"]),
+        ("--out", ["bench", "--out", "{file}"]),
+        ("--out", ["compare", "--out", "{file}/exp"]),
+        ("--out", ["tune", "--config", TUNE_PRESET, "--out", "{file}"]),
+        (
+            "--runs-dir",
+            ["tune", "--config", TUNE_PRESET, "--out", "{dir}/t", "--runs-dir", "{file}/r"],
+        ),
+        (
+            "--out",
+            [
+                "select",
+                "--data",
+                "x.jsonl",
+                "--method",
+                "random",
+                "--budget",
+                "3",
+                "--out",
+                "{dir}",
+            ],
+        ),
+        (
+            "--out",
+            [
+                "select",
+                "--data",
+                "x.jsonl",
+                "--method",
+                "random",
+                "--budget",
+                "3",
+                "--out",
+                "{file}/s.jsonl",
+            ],
+        ),
+        ("--out", ["report", "{dir}", "--out", "{file}/report.html"]),
+    ],
+)
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(
+    capsys, tmp_path, flag, argv
+):
+    """A file where the output directory goes (or on its way), or a directory where the output
+    file goes: one line naming the flag, exit 2, before minutes of work end in a traceback."""
+    import ray
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory\n")
+    code, out = _run(capsys, *[a.format(file=blocker, dir=tmp_path) for a in argv])
+    assert code == 2, out.err
+    assert out.err.startswith(f"genloop: error: {flag} ") and len(out.err.splitlines()) == 1
+    assert "Traceback" not in out.err
+    assert not ray.is_initialized()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]  # nothing created

@@ -393,6 +393,9 @@ def test_parse_only():
 
     with pytest.raises(UsageError, match="unknown benchmark nope"):
         bench.parse_only("scoring,nope")
+    for empty in ("", ","):  # `--only ""` (an unset shell variable) is not "everything"
+        with pytest.raises(UsageError, match="names no benchmark"):
+            bench.parse_only(empty)
 
 
 def test_cli_refuses_bad_flags(capsys):
