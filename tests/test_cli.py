@@ -99,6 +99,7 @@ def test_unknown_flag_is_a_usage_error():
 
 
 TUNE_PRESET = "ray_configs/tune/arithmetic_fraction_budget.yaml"
+SELECT = ["select", "--data", "x.jsonl", "--method", "random", "--budget", "3"]
 
 
 @pytest.mark.parametrize(
@@ -113,34 +114,8 @@ TUNE_PRESET = "ray_configs/tune/arithmetic_fraction_budget.yaml"
             "--runs-dir",
             ["tune", "--config", TUNE_PRESET, "--out", "{dir}/t", "--runs-dir", "{file}/r"],
         ),
-        (
-            "--out",
-            [
-                "select",
-                "--data",
-                "x.jsonl",
-                "--method",
-                "random",
-                "--budget",
-                "3",
-                "--out",
-                "{dir}",
-            ],
-        ),
-        (
-            "--out",
-            [
-                "select",
-                "--data",
-                "x.jsonl",
-                "--method",
-                "random",
-                "--budget",
-                "3",
-                "--out",
-                "{file}/s.jsonl",
-            ],
-        ),
+        ("--out", [*SELECT, "--out", "{dir}"]),
+        ("--out", [*SELECT, "--out", "{file}/s.jsonl"]),
         ("--out", ["report", "{dir}", "--out", "{file}/report.html"]),
     ],
 )
