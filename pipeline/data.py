@@ -32,7 +32,8 @@ def read_records(
     fields: dict[str, str] | None = None,
     required: Sequence[str] = ("prompt", "response"),
 ) -> pd.DataFrame:
-    """Rows of a JSONL or Parquet file, columns renamed by `fields` (genloop name -> file name).
+    """Rows of a JSONL or Parquet file, or of a directory of Parquet files (a dataset as Ray
+    Data writes it), columns renamed by `fields` (genloop name -> file name).
 
     Returns a frame with the `required` columns as strings (other columns kept).
 
@@ -40,16 +41,14 @@ def read_records(
         DataError: missing file, unknown format, malformed line, missing column, no rows.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        frame = _read_parquet(path, _parquet_files(path))
+    elif not path.is_file():
         raise DataError(f"{path}: file not found")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
+    elif (suffix := path.suffix.lower()) in (".jsonl", ".json"):
         frame = _read_jsonl(path)
     elif suffix == ".parquet":
-        try:
-            frame = pq.read_table(path).to_pandas()
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        frame = _read_parquet(path, [path])
     else:
         raise DataError(f"{path}: unknown format {suffix!r}; use .jsonl or .parquet")
     renames = {source: ours for ours, source in (fields or {}).items()}
@@ -73,6 +72,35 @@ def read_records(
     return frame.reset_index(drop=True)
 
 
+def _parquet_files(directory: Path) -> list[Path]:
+    """The Parquet files of a dataset directory, as Ray Data's `write_parquet` or Spark write
+    them, subdirectories included, in path order; hidden and underscore files (_SUCCESS,
+    .crc) are not data."""
+    files = sorted(
+        f
+        for f in directory.rglob("*.parquet")
+        if f.is_file()
+        and not any(part.startswith((".", "_")) for part in f.relative_to(directory).parts)
+    )
+    if not files:
+        raise DataError(f"{directory}: a directory with no .parquet files in it")
+    return files
+
+
+def _read_parquet(path: Path, files: list[Path]) -> pd.DataFrame:
+    """One table of one or more Parquet files; `path` names them in errors."""
+    tables = []
+    for file in files:
+        try:
+            tables.append(pq.read_table(file))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{file}: not a readable Parquet file ({e})") from None
+    try:
+        return pa.concat_tables(tables, promote_options="default").to_pandas()
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise DataError(f"{path}: its Parquet files do not share one schema ({e})") from None
+
+
 def _read_jsonl(path: Path) -> pd.DataFrame:
     rows = []
     with path.open(encoding="utf-8") as f:
@@ -94,7 +122,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
 def read_text(path: str | Path, fields: dict[str, str] | None = None) -> str:
     """A plain-text corpus: a .txt file, or the `text` column of JSONL / Parquet, joined."""
     path = Path(path)
-    if path.suffix.lower() in (".jsonl", ".json", ".parquet"):
+    if path.is_dir() or path.suffix.lower() in (".jsonl", ".json", ".parquet"):
         frame = read_records(path, fields, required=("text",))
         text = "\n".join(frame["text"])
     else:

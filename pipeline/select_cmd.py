@@ -117,7 +117,11 @@ def register(subparsers) -> None:
             "--out subset.parquet fields.prompt=question fields.response=answer n_clusters=20"
         ),
     )
-    parser.add_argument("--data", required=True, help="JSONL or Parquet with prompt/response")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="JSONL or Parquet file, or a directory of Parquet files, with prompt/response",
+    )
     parser.add_argument("--method", required=True, help=f"one of: {', '.join(SELECTORS)}")
     parser.add_argument(
         "--budget", required=True, help="rows to keep: a count (500) or a fraction (0.1)"

@@ -181,7 +181,7 @@ def cmd_selection_study(args: argparse.Namespace, echo: Callable[[str], None] | 
         study = quick(study)
     for name in ("data", "text", "rare"):
         path = getattr(study, name, None)
-        if path is not None and not Path(path).is_file():
+        if path is not None and not Path(path).exists():
             raise UsageError(f"--{name} {path}: no such file")
     out = make_output_dir(args.out, "--out")
     (out / "cells").mkdir(exist_ok=True)

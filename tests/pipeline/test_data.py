@@ -95,3 +95,39 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
+
+
+def test_a_directory_of_parquet_files_reads_as_one_table(tmp_path):
+    """A dataset as Ray Data's write_parquet leaves it: part files, in subdirectories too;
+    marker and hidden files are not data; a column some parts lack is null in them."""
+    data = tmp_path / "dataset"
+    write_parquet(pd.DataFrame({"prompt": ["a", "b"], "response": ["1", "2"]}), data / "0.parquet")
+    write_parquet(
+        pd.DataFrame({"prompt": ["c"], "response": ["3"], "source": ["web"]}),
+        data / "day=2" / "1.parquet",
+    )
+    (data / "_SUCCESS").write_text("")
+    (data / ".1.parquet.crc").write_text("not parquet")
+    (data / "_temporary").mkdir()
+    (data / "_temporary" / "2.parquet").write_text("half written")
+    frame = read_records(data)
+    assert frame["prompt"].tolist() == ["a", "b", "c"]
+    assert frame["source"].isna().tolist() == [True, True, False]
+    text = tmp_path / "text"
+    write_parquet(pd.DataFrame({"text": ["to be", "or not"]}), text / "part-0.parquet")
+    assert read_text(text) == "to be\nor not"
+
+
+def test_a_directory_without_parquet_or_with_a_broken_part_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: a directory with no \.parquet files"):
+        read_records(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    write_parquet(pd.DataFrame({"prompt": ["a"], "response": ["1"]}), broken / "0.parquet")
+    (broken / "1.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match=r"broken/1\.parquet: not a readable Parquet file"):
+        read_records(broken)
+    write_parquet(pd.DataFrame({"prompt": [1], "response": ["2"]}), tmp_path / "mixed/0.parquet")
+    write_parquet(pd.DataFrame({"prompt": ["x"], "response": ["2"]}), tmp_path / "mixed/1.parquet")
+    with pytest.raises(DataError, match="mixed: its Parquet files do not share one schema"):
+        read_records(tmp_path / "mixed")
