@@ -154,16 +154,24 @@ def connect(
     if where.kind == "local":
         runtime_env["env_vars"] = {**local_train_settings(), **runtime_env["env_vars"]}
         # An explicit "local": a bare ray.init() would attach to any cluster an earlier
-        # `ray start` left recorded on this machine, even a dead one.
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            runtime_env=runtime_env,
-            logging_level=logging.WARNING,
-            log_to_driver=log_to_driver,
-        )
+        # `ray start` left recorded on this machine, even a dead one. Ray warns on every start
+        # that it turned token authentication on; for a Ray of this process's own, bound to
+        # 127.0.0.1, that is nothing the user has to act on.
+        auth_notice = logging.getLogger(AUTH_NOTICE_LOGGER)
+        level = auth_notice.level
+        auth_notice.setLevel(logging.ERROR)
+        try:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                runtime_env=runtime_env,
+                logging_level=logging.WARNING,
+                log_to_driver=log_to_driver,
+            )
+        finally:
+            auth_notice.setLevel(level)
         _started_local = True
         cpus = int(ray.cluster_resources().get("CPU", 0))
         return f"local Ray on 127.0.0.1 with {cpus} CPUs"
@@ -177,6 +185,10 @@ def connect(
     except Exception as e:  # Ray raises ConnectionError, RuntimeError or its own errors
         raise ClusterError(_join_failure(address, e)) from e
     return f"Ray cluster at {address}"
+
+
+# Where Ray logs "Token authentication is enabled for this Ray cluster" on a local start.
+AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 # Ray Train settings for a local Ray (one machine): its controller polls the workers every
