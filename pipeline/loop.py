@@ -418,7 +418,7 @@ def curate_samples_stage(
         load=lambda: json.loads(gen.path("curate.json").read_text()),
         describe=lambda s: (
             f"kept {s['kept']:,}/{s['samples']:,}, "
-            f"labels {s['labels_spent']} ({s['hard_prompts']} hard prompts)"
+            f"labels {s['labels_spent']:,} ({s['hard_prompts']:,} hard prompts)"
         ),
     )
 
