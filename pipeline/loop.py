@@ -311,6 +311,7 @@ def curate_samples_stage(
     load per actor); the score stage then checks the answers. A run directory whose samples
     came without scores (an older genloop) gets them from a ScoreActor pool."""
     from pipeline.inference import GenerateAndScoreActor, ScoreActor, map_with_actors
+    from pipeline.vllm_generation import generate_with_vllm, generation_backend
 
     pool = task.prompt_pool(gen.index)
     common = dict(
@@ -320,6 +321,23 @@ def curate_samples_stage(
 
     def generate_samples() -> pd.DataFrame:
         g = cfg.generate
+        if generation_backend(g.backend, cfg.train.use_gpu, model) == "vllm":
+            # Ray Data's vLLM processor; the score stage scores these samples.
+            samples = generate_with_vllm(
+                pool,
+                model,
+                trust_remote_code=cfg.model.trust_remote_code,
+                samples_per_prompt=g.samples_per_prompt,
+                max_new_tokens=task.max_new_tokens,
+                max_length=cfg.model.max_length,
+                temperature=g.temperature,
+                top_p=g.top_p,
+                seed=[cfg.seed, _GENERATE_STREAM, gen.index],
+                workers=g.workers,
+                batch_size=g.batch_size,
+            )
+            write_parquet(samples, gen.path("samples.parquet"))
+            return samples
         samples = map_with_actors(
             pool,
             GenerateAndScoreActor,

@@ -418,15 +418,9 @@ def generate(
 ) -> list[str]:
     """Sample answers with the KV cache, batched; returns len(prompts) * k strings, prompt-major."""
     device = next(model.parameters()).device
-    start = _start_ids(tokenizer)
-    max_length = min(max_length, context_length(model) or max_length)
-    # New tokens get at least half the context; a longer prompt keeps its end.
-    keep = max_length - max(1, min(max_new_tokens, max_length // 2))
-    encoded = [
-        (start + ids)[-keep:]
-        for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    ]
-    budget = max(1, min(max_new_tokens, max_length - max((len(e) for e in encoded), default=0)))
+    encoded, budget = prompt_ids_and_budget(
+        tokenizer, prompts, max_new_tokens, min(max_length, context_length(model) or max_length)
+    )
     k = 1 if greedy else samples_per_prompt
     out: list[str] = []
     for lo in range(0, len(encoded), batch_size):
@@ -454,10 +448,26 @@ def generate(
             **sampling,
         )
         new_tokens = generated[:, width:].cpu().numpy()
-        out.extend(_decode_until_eos(tokenizer, new_tokens))
+        out.extend(decode_until_eos(tokenizer, new_tokens))
     if greedy and samples_per_prompt > 1:
         out = [text for text in out for _ in range(samples_per_prompt)]
     return out
+
+
+def prompt_ids_and_budget(
+    tokenizer, prompts, max_new_tokens: int, max_length: int
+) -> tuple[list[list[int]], int]:
+    """The token ids each prompt is generated from (the start token, then the prompt; new
+    tokens get at least half of `max_length`, so a longer prompt keeps its end) and the
+    number of new tokens every prompt of the call may sample."""
+    start = _start_ids(tokenizer)
+    keep = max_length - max(1, min(max_new_tokens, max_length // 2))
+    encoded = [
+        (start + ids)[-keep:]
+        for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    ]
+    budget = max(1, min(max_new_tokens, max_length - max((len(e) for e in encoded), default=0)))
+    return encoded, budget
 
 
 def context_length(model) -> int | None:
@@ -469,10 +479,12 @@ def context_length(model) -> int | None:
     return None
 
 
-def _decode_until_eos(tokenizer, rows: np.ndarray) -> list[str]:
+def decode_until_eos(tokenizer, rows) -> list[str]:
+    """Each row of new token ids as text, up to its first end-of-sequence token."""
     eos = tokenizer.eos_token_id
     texts = []
     for row in rows:
+        row = np.asarray(row, dtype=np.int64)
         stop = np.flatnonzero(row == eos)
         row = row[: stop[0]] if len(stop) else row
         texts.append(tokenizer.decode(row, skip_special_tokens=True))

@@ -1,3 +1,4 @@
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,19 @@ def test_range_checks_run_after_types():
     assert "curate.gamma: must be in [0, 0.5]" in errors
     assert "multiple of train.workers" in errors
     assert "curate.strategy: 'best' is not one of" in errors
+
+
+def test_generation_backend_vllm_needs_gpus_and_vllm():
+    assert load_config(None, []).generate.backend == "hf"
+    assert load_config(None, ["generate.backend=auto"]).generate.backend == "auto"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["generate.backend=vllm"])
+    errors = "\n".join(info.value.errors)
+    assert "generate.backend: vllm runs on GPUs; set train.use_gpu=true" in errors
+    if importlib.util.find_spec("vllm") is None:
+        assert "generate.backend: vllm is not installed here" in errors
+    with pytest.raises(ConfigError, match="generate.backend: 'tgi' is not one of"):
+        load_config(None, ["generate.backend=tgi"])
 
 
 def test_text_task_needs_a_path():
