@@ -29,8 +29,8 @@ def vllm_installed() -> bool:
 
 
 def generation_backend(backend: str, use_gpu: bool, model_dir: str) -> str:
-    """ "hf" or "vllm" for `generate.backend`: auto takes vLLM on GPUs when it is installed and
-    the model is a directory on this machine's filesystem (an engine loads it by path)."""
+    """What `generate.backend` runs, hf or vllm: auto takes vLLM on GPUs when it is installed
+    and the model is a directory on a filesystem (an engine loads it by path)."""
     if backend != "auto":
         return backend
     local = "://" not in model_dir
