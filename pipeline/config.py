@@ -384,6 +384,7 @@ def _mismatch(errors: list[str], message: str) -> type[_Default]:
 
 def validate(c: RunConfig) -> list[str]:
     """Range and consistency checks; returns every problem found."""
+    from pipeline.vllm_generation import vllm_installed
     from selection.boosting import CURATION_STRATEGIES
 
     errors: list[str] = []
@@ -454,7 +455,7 @@ def validate(c: RunConfig) -> list[str]:
             "generate.backend: vllm runs on GPUs; set train.use_gpu=true or generate.backend=hf",
         )
         need(
-            importlib.util.find_spec("vllm") is not None,
+            vllm_installed(),
             "generate.backend: vllm is not installed here (pip install vllm), or use "
             "generate.backend=hf",
         )

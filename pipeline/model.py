@@ -471,9 +471,11 @@ def prompt_ids_and_budget(
 
 
 def context_length(model) -> int | None:
-    """The longest sequence the model's position embeddings allow, when its config says."""
+    """The longest sequence the model's position embeddings allow, when its config says
+    (`model`: a model, or its config alone)."""
+    config = getattr(model, "config", model)
     for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(model.config, name, None)
+        value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
     return None

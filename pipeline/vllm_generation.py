@@ -116,7 +116,7 @@ def generate_with_vllm(
     from transformers import AutoConfig, AutoTokenizer
 
     from pipeline.config import ConfigError
-    from pipeline.model import decode_until_eos
+    from pipeline.model import context_length, decode_until_eos
 
     if "://" in model_dir:
         raise ConfigError(
@@ -127,10 +127,7 @@ def generate_with_vllm(
         )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    context = getattr(config, "n_positions", None) or getattr(
-        config, "max_position_embeddings", None
-    )
-    max_length = min(max_length, context or max_length)
+    max_length = min(max_length, context_length(config) or max_length)
     requests = sample_requests(
         pool,
         tokenizer,
