@@ -136,11 +136,13 @@ def killed_run(two_nodes, tmp_path_factory) -> KilledRun:
     seen: dict[str, int] = {}
     try:
         while time.perf_counter() - started < TIMEOUT_S:
-            _note_checkpoints(train_dir, seen)
             run.status = _get(cluster, f"/api/jobs/{job_id}")["status"]
             if run.status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 break
-            step = _committed_step(train_dir)
+            # The newest whole checkpoint, from the same look that records what was there
+            # before the kill (two looks could see a checkpoint land in between).
+            _note_checkpoints(train_dir, seen)
+            step = max(seen.values(), default=0)
             if run.killed is None and CHECKPOINT_EVERY <= step < GEN0_STEPS:
                 alive = [w for w in train_workers(cluster, job_id) if w["state"] == "ALIVE"]
                 nodes = {n["node_id"]: n for n in state(cluster, "nodes")}
@@ -174,25 +176,14 @@ def killed_run(two_nodes, tmp_path_factory) -> KilledRun:
 
 
 def _note_checkpoints(train_dir: Path, seen: dict[str, int]) -> None:
-    """Checkpoint directories in the order they appear, with the step each holds."""
+    """Whole checkpoint directories in the order they appear, with the step each holds. Its
+    train state is written last: a directory without one may still be being copied."""
     for state_file in sorted(train_dir.glob("checkpoint_*/train_state.json")):
         if state_file.parent.name not in seen:
             try:
                 seen[state_file.parent.name] = json.loads(state_file.read_text())["step"]
             except (OSError, ValueError):
                 pass  # being written; seen on the next look
-
-
-def _committed_step(train_dir: Path) -> int:
-    """The step of the newest whole checkpoint: its train state is written last, so a
-    directory without one may still be being copied."""
-    steps = [0]
-    for state_file in train_dir.glob("checkpoint_*/train_state.json"):
-        try:
-            steps.append(json.loads(state_file.read_text())["step"])
-        except (OSError, ValueError):
-            pass
-    return max(steps)
 
 
 def test_a_submitted_run_succeeds_and_trains_on_both_nodes(two_nodes, killed_run):
