@@ -143,7 +143,10 @@ def train_rank(
     rows (in torch DDP with `communicate`); puts (tokens, loop seconds) on `results`."""
     import torch
     import torch.distributed as dist
+    import transformers
 
+    transformers.utils.logging.set_verbosity_error()  # one bench log, no per-rank load bars
+    transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world

@@ -169,6 +169,7 @@ def load_examples(
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from pipeline.diagnostics import check_model_path, compare_models
+    from pipeline.model import quiet_transformers
 
     if len(args.model) != 2:
         raise UsageError(
@@ -184,7 +185,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     out = check_output(args.out or f"diagnose-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
     add_eos = pairs if settings.add_eos is None else settings.add_eos
     device = settings.device or _default_device()
-    _quiet_transformers()
+    quiet_transformers()
 
     model_a, model_b = args.model
     print(f"genloop diagnose: A = {model_a}", flush=True)
@@ -333,10 +334,3 @@ def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _quiet_transformers() -> None:
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()

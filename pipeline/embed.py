@@ -47,11 +47,11 @@ class EmbedActor:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        from pipeline.inference import _quiet_transformers
+        from pipeline.model import quiet_transformers
 
         # A local model must never reach for the hub (no network, or a stale hub copy).
         local = Path(model).is_dir()
-        _quiet_transformers()
+        quiet_transformers()
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=local)
         self.model = AutoModel.from_pretrained(model, local_files_only=local).to(self.device)

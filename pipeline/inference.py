@@ -37,6 +37,7 @@ from pipeline.model import (
     example_losses,
     generate,
     load_model,
+    quiet_transformers,
     token_losses,
 )
 
@@ -47,19 +48,12 @@ def quiet_logs() -> None:
 
     import ray.data
 
-    _quiet_transformers()
+    quiet_transformers()
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     context.verbose_stats_logs = False
-
-
-def _quiet_transformers() -> None:
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def use_all_assigned_cpus() -> None:
@@ -75,7 +69,7 @@ class _ModelActor:
     def __init__(self, model_dir: str, trust_remote_code: bool, use_gpu: bool):
         import torch
 
-        _quiet_transformers()
+        quiet_transformers()
         use_all_assigned_cpus()
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -72,6 +73,12 @@ def build_tiny_model(cfg: ModelConfig, tokenizer, seed: int) -> GPT2LMHeadModel:
 def save_model(model, tokenizer, directory: str | Path) -> None:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+
+
+def quiet_transformers() -> None:
+    """transformers' warnings and progress bars off: a process loading models prints nothing."""
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def load_model(

@@ -535,9 +535,9 @@ def _serve_jobs(config: dict) -> None:
 
 def _worker_setup(env: dict[str, str]) -> None:
     os.environ.update(env)
-    from pipeline.inference import _quiet_transformers
+    from pipeline.model import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
 
 
 def _train_job(config: dict, resume_dir: str | None, hand_over) -> str | None:
