@@ -31,14 +31,17 @@ def read_records(
     path: str | Path,
     fields: dict[str, str] | None = None,
     required: Sequence[str] = ("prompt", "response"),
+    fields_key: str | None = "task.fields",
 ) -> pd.DataFrame:
     """Rows of a JSONL or Parquet file, or of a directory of Parquet files (a dataset as Ray
-    Data writes it), columns renamed by `fields` (genloop name -> file name).
+    Data writes it), columns renamed by `fields` (genloop name -> file name). `fields_key`
+    is where the user sets `fields` (`task.fields`, `fields`), for the errors' hints.
 
     Returns a frame with the `required` columns as strings (other columns kept).
 
     Raises:
-        DataError: missing file, unknown format, malformed line, missing column, no rows.
+        DataError: missing file, unknown format, malformed line, no rows, a mapped or
+            required column missing.
     """
     path = Path(path)
     if path.is_dir():
@@ -51,15 +54,18 @@ def read_records(
         frame = _read_parquet(path, [path])
     else:
         raise DataError(f"{path}: unknown format {suffix!r}; use .jsonl or .parquet")
-    renames = {source: ours for ours, source in (fields or {}).items()}
-    frame = frame.rename(columns=renames)
+    if len(frame) == 0:
+        raise DataError(f"{path}: no rows")
+    columns = ", ".join(map(str, frame.columns))  # the file's own names, for the errors
+    for ours, source in (fields or {}).items():
+        if source not in frame.columns:
+            where = f"{fields_key}.{ours}={source}" if fields_key else f"for {ours}"
+            raise DataError(f"{path}: no column {source!r} ({where}); it has {columns}")
+    frame = frame.rename(columns={source: ours for ours, source in (fields or {}).items()})
     for column in required:
         if column not in frame.columns:
-            hint = f" (map it with task.fields.{column}=<column>)" if fields is not None else ""
-            raise DataError(
-                f"{path}: missing column {column!r}; it has "
-                f"{', '.join(map(str, frame.columns)) or 'no columns'}{hint}"
-            )
+            hint = f" (map it with {fields_key}.{column}=<column>)" if fields_key else ""
+            raise DataError(f"{path}: missing column {column!r}; it has {columns}{hint}")
         bad = frame[column].map(lambda v: not isinstance(v, str))
         if bad.any():
             row = int(bad.to_numpy().argmax())
@@ -67,8 +73,6 @@ def read_records(
                 f"{path}: row {row + 1}: column {column!r} is not text "
                 f"({frame[column].iloc[row]!r})"
             )
-    if len(frame) == 0:
-        raise DataError(f"{path}: no rows")
     return frame.reset_index(drop=True)
 
 
@@ -103,8 +107,14 @@ def _read_parquet(path: Path, files: list[Path]) -> pd.DataFrame:
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:  # a byte-order mark may open the file
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}: line {number}: not UTF-8 text (byte {e.start + 1} of the line)"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -119,11 +129,13 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def read_text(path: str | Path, fields: dict[str, str] | None = None) -> str:
+def read_text(
+    path: str | Path, fields: dict[str, str] | None = None, fields_key: str | None = "task.fields"
+) -> str:
     """A plain-text corpus: a .txt file, or the `text` column of JSONL / Parquet, joined."""
     path = Path(path)
     if path.is_dir() or path.suffix.lower() in (".jsonl", ".json", ".parquet"):
-        frame = read_records(path, fields, required=("text",))
+        frame = read_records(path, fields, required=("text",), fields_key=fields_key)
         text = "\n".join(frame["text"])
     else:
         if not path.is_file():

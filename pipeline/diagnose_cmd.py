@@ -138,21 +138,22 @@ def load_examples(
     path = Path(path)
     pairs = False
     if path.suffix.lower() in (".jsonl", ".json", ".parquet"):
-        frame = read_records(path, settings.fields, required=())
+        frame = read_records(path, settings.fields, required=(), fields_key="fields")
         columns = set(frame.columns)
         if {"prompt", "response"} <= columns:
-            frame, pairs = read_records(path, settings.fields), True
+            frame, pairs = read_records(path, settings.fields, fields_key="fields"), True
         elif "text" not in columns:
+            own = frame.rename(columns={ours: theirs for ours, theirs in settings.fields.items()})
             raise DataError(
                 f"{path}: needs prompt and response columns, or a text column; it has "
-                f"{', '.join(map(str, frame.columns)) or 'no columns'} (map yours with "
+                f"{', '.join(map(str, own.columns))} (map yours with "
                 "fields.prompt=COLUMN fields.response=COLUMN, or fields.text=COLUMN)"
             )
     if pairs:
         frame = frame[["prompt", "response"]]
         kind = "prompt/response pairs"
     else:
-        text = read_text(path, settings.fields)
+        text = read_text(path, settings.fields, fields_key="fields")
         size = settings.chunk_chars
         chunks = [text[i : i + size] for i in range(0, len(text), size)]
         chunks = [c for c in chunks if c.strip()]

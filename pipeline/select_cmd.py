@@ -371,13 +371,14 @@ def read_candidates(path: str | Path, fields: dict[str, str]) -> tuple[pd.DataFr
     Raises:
         DataError: missing file, unreadable rows, neither column layout present, non-text.
     """
-    frame = read_records(path, fields, required=())
+    frame = read_records(path, fields, required=(), fields_key="fields")
     if frame.columns.duplicated().any():
         twice = sorted(set(frame.columns[frame.columns.duplicated()]))
         raise DataError(
             f"{path}: column(s) {', '.join(twice)} appear twice after fields.* renames; "
             "drop one of the mappings"
         )
+    original = frame.rename(columns={ours: theirs for ours, theirs in fields.items()})
     if {"prompt", "response"} <= set(frame.columns):
         used = ["prompt", "response"]
     elif "text" in frame.columns:
@@ -385,7 +386,7 @@ def read_candidates(path: str | Path, fields: dict[str, str]) -> tuple[pd.DataFr
     else:
         raise DataError(
             f"{path}: needs prompt and response columns (or text); it has "
-            f"{', '.join(map(str, frame.columns))}; map yours with e.g. "
+            f"{', '.join(map(str, original.columns))}; map yours with e.g. "
             "fields.prompt=question fields.response=answer"
         )
     for column in used:
@@ -400,7 +401,6 @@ def read_candidates(path: str | Path, fields: dict[str, str]) -> tuple[pd.DataFr
         pairs = pd.DataFrame({"prompt": "", "response": frame["text"]})
     else:
         pairs = frame[["prompt", "response"]].copy()
-    original = frame.rename(columns={ours: theirs for ours, theirs in fields.items()})
     return original, pairs
 
 

@@ -200,7 +200,9 @@ def run_subsets(study: SubsetStudy, out: Path, echo: Callable[[str], None]) -> d
     from pipeline.select_cmd import select_frame
 
     rows = read_records(
-        study.data, {"prompt": study.prompt_field, "response": study.response_field}
+        study.data,
+        {"prompt": study.prompt_field, "response": study.response_field},
+        fields_key=None,
     )[["prompt", "response"]]
     need = study.pool_rows + study.heldout_rows
     if len(rows) < need:
@@ -344,7 +346,7 @@ def ordering_documents(study: OrderingStudy) -> tuple[pd.DataFrame, dict[str, pd
     train_common = [pieces[i] for i in rng.permutation(cut)[: study.common_docs]]
     held_common = [pieces[i] for i in cut + rng.permutation(len(pieces) - cut)]
     held_common = held_common[: study.heldout_docs]
-    rare = read_records(study.rare, {"prompt": "question", "response": "answer"})
+    rare = read_records(study.rare, {"prompt": "question", "response": "answer"}, fields_key=None)
     rare = (rare["prompt"] + "\n" + rare["response"]).sample(frac=1.0, random_state=0).tolist()
     n_rare = max(1, study.common_docs // study.ratio)
     if len(train_common) < study.common_docs or len(rare) < n_rare + study.heldout_docs:

@@ -44,6 +44,42 @@ def test_missing_column_names_the_columns_and_the_mapping(tmp_path):
         read_records(path, {})
 
 
+def test_missing_column_lists_the_files_own_names_after_a_mapping(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question": "a", "answer": "b"}\n')
+    with pytest.raises(DataError) as error:
+        read_records(path, {"prompt": "question"})
+    assert str(error.value) == (
+        f"{path}: missing column 'response'; it has question, answer "
+        "(map it with task.fields.response=<column>)"
+    )
+
+
+def test_a_mapping_to_a_column_the_file_lacks_is_refused(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n')
+    with pytest.raises(DataError) as error:
+        read_records(path, {"prompt": "nosuch"}, fields_key="fields")
+    assert (
+        str(error.value)
+        == f"{path}: no column 'nosuch' (fields.prompt=nosuch); it has prompt, response"
+    )
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(DataError) as error:
+        read_records(path)
+    assert str(error.value) == f"{path}: line 2: not UTF-8 text (byte 13 of the line)"
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\n')
+    assert read_records(path).to_dict("records") == [{"prompt": "a", "response": "b"}]
+
+
 def test_non_text_value_is_named_by_row(tmp_path):
     path = tmp_path / "n.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 3, "response": "b"}\n')
@@ -54,7 +90,7 @@ def test_non_text_value_is_named_by_row(tmp_path):
 def test_empty_data(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n")
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="empty.jsonl: no rows$"):
         read_records(path)
     text = tmp_path / "empty.txt"
     text.write_text("  \n")
