@@ -246,14 +246,24 @@ def read_yaml_mapping(path: Path, what: str = "file") -> dict[str, Any]:
     """The mapping at the top of a YAML file (empty file: {}).
 
     Raises:
-        ConfigError: the file is missing, is not YAML, or its top level is not a mapping.
+        ConfigError: the file is missing or unreadable, is not UTF-8 YAML, or its top level
+            is not a mapping.
     """
+    if path.is_dir():
+        raise ConfigError([f"{what} {path}: is a directory, not a YAML file"])
     if not path.is_file():
         raise ConfigError([f"{what} not found: {path}"])
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError([f"{path}: line {line}: not UTF-8 text"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read it ({e.strerror})"]) from None
     except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML ({e.__class__.__name__})"]) from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError([f"{path}: not valid YAML{where} ({e.__class__.__name__})"]) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of sections"])
     return raw

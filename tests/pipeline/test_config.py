@@ -117,13 +117,19 @@ def test_missing_and_malformed_config_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("loop: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    bad.write_text("loop:\n  generations: 3\n  mix: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML at line 4 \(ParserError\)"):
         load_config(bad)
     flat = tmp_path / "flat.yaml"
     flat.write_text("- 1\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(flat)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"loop:\n  generations: \x80\n")
+    with pytest.raises(ConfigError, match=r"binary.yaml: line 2: not UTF-8 text$"):
+        load_config(binary)
+    with pytest.raises(ConfigError, match=r"config file .*: is a directory, not a YAML file"):
+        load_config(tmp_path)
 
 
 def test_scientific_notation_is_a_number():
