@@ -98,8 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse, with a bad flag reported in one line (argparse prints its usage block
+    first); sub-command parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="genloop",
         description="Train language models on their own synthetic data, without collapse, on Ray.",
     )
@@ -152,7 +160,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from pipeline.config import ConfigError, load_config
+    from pipeline.data import DataError
     from pipeline.storage import RemoteRun, is_uri
 
     # A storage URI (s3://..., gs://..., file:///...) is mirrored locally; see pipeline/storage.
@@ -190,10 +199,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"{args.run_dir or run_dir} already holds a run; continue it with --resume "
                 "or choose another --run-dir"
             )
-    # Validate user data before Ray starts: a bad file should cost a second, not a minute.
+    # Validate user data and model before Ray starts: a bad file should cost a second, not a
+    # minute.
+    from pipeline.diagnostics import check_model_path
     from pipeline.tasks import make_task
 
     make_task(cfg.task, cfg.seed)
+    if cfg.model.path is not None:
+        try:
+            check_model_path(cfg.model.path)
+        except DataError as e:
+            raise ConfigError([f"model.path: {e}"]) from None
     # A wrong cluster address, too, should cost a second and leave no run directory behind.
     from cluster.connect import preflight
 

@@ -423,14 +423,37 @@ def compare_models(
     )
 
 
+# What `tokenizer.save_pretrained` leaves; a directory with none of them has no tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
 def check_model_path(path: str | Path) -> str:
     """`path` as a string, or a DataError when it was meant as a local model directory and
-    is not one (a hub id such as "gpt2" or "org/name" passes; loading it is checked later)."""
+    is not one: missing, a file, no config.json or no tokenizer in it. A hub id such as
+    "gpt2" or "org/name", or a storage URI, passes; loading it is checked later."""
+    from pipeline.storage import is_uri
+
     text = str(path)
+    if is_uri(text):
+        return text
     local = Path(text).expanduser()
+    if local.is_file():
+        raise DataError(f"{text}: a file, not a model directory")
     if local.exists():
         if not (local / "config.json").is_file():
             raise DataError(f"{text}: not a model directory (no config.json in it)")
+        if not any((local / name).is_file() for name in TOKENIZER_FILES):
+            raise DataError(
+                f"{text}: no tokenizer in the model directory (no tokenizer.json or "
+                "tokenizer_config.json; save one there with tokenizer.save_pretrained)"
+            )
         return str(local)
     parts = Path(text).parts
     # A hub id is "name" or "org/name"; anything else, or a path whose first folder exists

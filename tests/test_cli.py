@@ -98,6 +98,59 @@ def test_unknown_flag_is_a_usage_error():
     assert info.value.code == 2
 
 
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (
+            ["select", "--seed", "abc"],
+            "genloop select: error: argument --seed: invalid int value: 'abc'; "
+            "see genloop select --help",
+        ),
+        (
+            ["jobs", "status"],
+            "genloop jobs status: error: the following arguments are required: JOB_ID; "
+            "see genloop jobs status --help",
+        ),
+    ],
+)
+def test_a_bad_flag_is_one_line_without_the_usage_block(capsys, argv, line):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
+def _not_a_model(directory, kind: str):
+    """A model.path that is missing, a file, or a directory with a config but no tokenizer."""
+    if kind == "file":
+        (directory / "weights.bin").write_bytes(b"")
+        return directory / "weights.bin"
+    if kind == "no tokenizer":
+        (directory / "config.json").write_text("{}")
+        return directory
+    return directory / "missing"
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing", "model directory not found"),
+        ("file", "a file, not a model directory"),
+        ("no tokenizer", "no tokenizer in the model directory"),
+    ],
+)
+def test_a_model_path_that_is_not_a_model_is_refused_before_any_work(
+    capsys, tmp_path, kind, message
+):
+    import ray
+
+    model = _not_a_model(tmp_path, kind)
+    code, out = _run(capsys, "run", "--run-dir", str(tmp_path / "r"), f"model.path={model}")
+    assert code == 2 and len(out.err.splitlines()) == 1
+    assert out.err.startswith(f"genloop: config error: model.path: {model}: {message}")
+    assert not ray.is_initialized() and not (tmp_path / "r").exists()
+
+
 TUNE_PRESET = "ray_configs/tune/arithmetic_fraction_budget.yaml"
 SELECT = ["select", "--data", "x.jsonl", "--method", "random", "--budget", "3"]
 
