@@ -24,6 +24,27 @@ import pandas as pd
 
 from pipeline.loop import GEN0_FREE, copy_generation_zero
 
+# Columns of a run's table (`loop.summary_row`) that --metric may compare; for those in
+# LOWER_IS_BETTER the best variant is the lowest.
+METRICS = (
+    "accuracy",
+    "perplexity",
+    "heldout_loss",
+    "sample_accuracy",
+    "filter_precision",
+    "kept",
+    "labels_spent",
+    "distinct_1",
+    "distinct_2",
+    "char_entropy",
+    "word_entropy",
+    "vocabulary",
+    "mix_real_cosine",
+    "mix_real_mmd",
+    "mix_previous_mmd",
+)
+LOWER_IS_BETTER = ("perplexity", "heldout_loss", "labels_spent", "mix_real_mmd")
+
 
 def register(commands) -> None:
     parser = commands.add_parser(
@@ -45,7 +66,10 @@ def register(commands) -> None:
     parser.add_argument(
         "--metric",
         default=None,
-        help="metric to compare (default: accuracy if the task has it, else perplexity)",
+        choices=METRICS,
+        metavar="METRIC",
+        help="metric to compare (default: accuracy if the task has it, else perplexity): "
+        + ", ".join(METRICS),
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="overrides applied to every run"
@@ -171,7 +195,7 @@ def summary_markdown(summary: pd.DataFrame, metric: str) -> str:
 
 
 def format_table_final(final: pd.DataFrame, metric: str) -> str:
-    ordered = final.sort_values("mean", ascending=metric == "perplexity")
+    ordered = final.sort_values("mean", ascending=metric in LOWER_IS_BETTER)
     return "\n".join(
         f"  {row.variant:<40} {row.mean:.3f} ± {0 if np.isnan(row.std) else row.std:.3f}"
         f"  (min {row.min:.3f}, max {row.max:.3f}, {row.count} seeds)"

@@ -91,6 +91,8 @@ def run_loop(
     `run_dir` may be a storage URI (see `pipeline.storage`): the loop then works in a local
     mirror and pushes every finished stage to the URI.
     """
+    import ray
+
     from cluster.connect import check_local_fit, connect
     from pipeline.inference import kept_workers, quiet_logs, worker_env
     from pipeline.train import kept_trainer
@@ -106,14 +108,15 @@ def run_loop(
     _remove_stale_temporaries(run_dir)
     write_text(dump_yaml(cfg), run_dir / "config.yaml")
     task = make_task(cfg.task, cfg.seed)
-    progress.echo(
-        connect(
-            cfg.ray.address,
-            num_cpus=cfg.ray.num_cpus,
-            env=worker_env(),
-            log_to_driver=log_to_driver,
+    if not ray.is_initialized():  # compare, tune and bench connect once for all their runs
+        progress.echo(
+            connect(
+                cfg.ray.address,
+                num_cpus=cfg.ray.num_cpus,
+                env=worker_env(),
+                log_to_driver=log_to_driver,
+            )
         )
-    )
     if not cfg.train.use_gpu:
         check_local_fit(
             {

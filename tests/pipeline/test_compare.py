@@ -2,7 +2,8 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import UsageError, main
-from pipeline.compare import summarize, summary_markdown, variant_name, variants
+from pipeline.compare import METRICS, summarize, summary_markdown, variant_name, variants
+from pipeline.loop import summary_row
 from tests.tiny import TINY_RUN
 
 
@@ -31,6 +32,21 @@ def test_summary_over_seeds():
     assert summary["variant"].tolist() == ["b", "a"]  # order of first appearance
     assert summary["mean"].tolist() == pytest.approx([0.6, 0.2])
     assert "| b | 0.600 ± 0.141 |" in summary_markdown(summary, "accuracy")
+
+
+def test_every_metric_is_a_column_of_a_runs_table():
+    needed = ("perplexity", "heldout_loss", "distinct_1", "distinct_2", "char_entropy")
+    row = summary_row(1, dict.fromkeys((*needed, "word_entropy", "vocabulary"), 1.0))
+    assert set(METRICS) <= set(row)
+
+
+def test_an_unknown_metric_is_refused_before_any_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["compare", "--out", str(tmp_path / "exp"), "--metric", "bogus"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("genloop compare: error: argument --metric: invalid choice: 'bogus'")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "exp").exists()
 
 
 def test_bad_values_are_refused_before_any_run(tmp_path, capsys):
