@@ -169,6 +169,7 @@ SELECT = ["select", "--data", "x.jsonl", "--method", "random", "--budget", "3"]
         ),
         ("--out", [*SELECT, "--out", "{dir}"]),
         ("--out", [*SELECT, "--out", "{file}/s.jsonl"]),
+        ("--work-dir", [*SELECT, "--out", "{dir}/s.jsonl", "--work-dir", "{file}"]),
         ("--out", ["report", "{dir}", "--out", "{file}/report.html"]),
     ],
 )
