@@ -171,22 +171,23 @@ def cmd_selection_study(args: argparse.Namespace, echo: Callable[[str], None] | 
         raise UsageError(f"--epochs {args.epochs}: a positive number, for the subsets study")
     if args.study == "subsets":
         study = SubsetStudy(**({"data": args.data} if args.data else {}), epochs=args.epochs)
-        run = run_subsets
+        run, read = run_subsets, subset_rows
     else:
         paths = {k: v for k, v in (("text", args.text), ("rare", args.rare)) if v}
         seeds = {"seeds": parse_seeds(args.seeds)} if args.seeds else {}
         study = OrderingStudy(**paths, **seeds)
-        run = run_ordering
+        run, read = run_ordering, ordering_documents
     if args.quick:
         study = quick(study)
     for name in ("data", "text", "rare"):
         path = getattr(study, name, None)
         if path is not None and not Path(path).exists():
             raise UsageError(f"--{name} {path}: no such file")
+    data = read(study)  # before Ray starts and --out is made: bad data costs a second
     out = make_output_dir(args.out, "--out")
     (out / "cells").mkdir(exist_ok=True)
     echo(f"genloop selection-study {args.study}: {out}")
-    _with_ray(lambda: run(study, out, echo), verbose=args.verbose, use_gpu=False, echo=echo)
+    _with_ray(lambda: run(study, data, out, echo), verbose=args.verbose, use_gpu=False, echo=echo)
     echo(f"wrote {out / 'results.csv'} and {out / 'summary.md'}")
     return 0
 
@@ -194,10 +195,13 @@ def cmd_selection_study(args: argparse.Namespace, echo: Callable[[str], None] | 
 # --------------------------------------------------------------------------- subsets
 
 
-def run_subsets(study: SubsetStudy, out: Path, echo: Callable[[str], None]) -> dict:
-    """Every cell of the subset study (Ray must be up); returns the summary table."""
+def subset_rows(study: SubsetStudy) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the pool selection draws from, the held-out rows), shuffled apart from `study.data`.
+
+    Raises:
+        DataError: the file is unreadable, lacks the fields, or has too few rows.
+    """
     from pipeline.data import DataError, read_records
-    from pipeline.select_cmd import select_frame
 
     rows = read_records(
         study.data,
@@ -210,6 +214,20 @@ def run_subsets(study: SubsetStudy, out: Path, echo: Callable[[str], None]) -> d
     shuffled = rows.sample(frac=1.0, random_state=0).reset_index(drop=True)
     heldout = shuffled.iloc[: study.heldout_rows].reset_index(drop=True)
     pool = shuffled.iloc[study.heldout_rows : need].reset_index(drop=True)
+    return pool, heldout
+
+
+def run_subsets(
+    study: SubsetStudy,
+    rows: tuple[pd.DataFrame, pd.DataFrame],
+    out: Path,
+    echo: Callable[[str], None],
+) -> dict:
+    """Every cell of the subset study on `subset_rows` (Ray must be up); returns the summary
+    table."""
+    from pipeline.select_cmd import select_frame
+
+    pool, heldout = rows
     init = build_target(
         pd.concat([pool, heldout]), study.target, study.max_length, out / "target_init"
     )
@@ -384,13 +402,19 @@ def draw_order(name: str, labels: np.ndarray, n_draws: int, epochs: int, seed: i
     raise ValueError(f"unknown order {name!r}: random, balanced or clusterclip-R")
 
 
-def run_ordering(study: OrderingStudy, out: Path, echo: Callable[[str], None]) -> dict:
-    """Every order of the ordering study (Ray must be up); returns the results."""
+def run_ordering(
+    study: OrderingStudy,
+    documents: tuple[pd.DataFrame, dict[str, pd.DataFrame]],
+    out: Path,
+    echo: Callable[[str], None],
+) -> dict:
+    """Every order of the ordering study on `ordering_documents` (Ray must be up); returns
+    the results."""
     from pipeline.cli import UsageError
     from pipeline.embed import embed_texts
     from selection.clusterclip import embed_clusters
 
-    docs, held = ordering_documents(study)
+    docs, held = documents
     init = build_target(
         pd.concat([docs, *held.values()]), study.target, study.max_length, out / "target_init"
     )

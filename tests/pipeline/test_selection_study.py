@@ -98,6 +98,24 @@ def test_a_missing_data_file_is_a_usage_error(tmp_path, capsys):
     assert not (tmp_path / "cells").exists()  # nothing written for a bad command
 
 
+def test_data_too_small_for_the_study_is_refused_before_ray_and_writes_nothing(tmp_path, capsys):
+    import ray
+
+    from pipeline.cli import main
+
+    data = tmp_path / "small.jsonl"
+    data.write_text('{"question": "q", "answer": "a"}\n' * 20)
+    out = tmp_path / "study"
+    code = main(["selection-study", "subsets", "--out", str(out), "--data", str(data), "--quick"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"genloop: error: {data}: 20 rows, the study needs ")
+        and err.count("\n") == 1
+    )
+    assert not ray.is_initialized() and not out.exists()
+
+
 def test_subset_steps_are_equal_or_in_proportion_to_the_subset():
     from pipeline.selection_study import subset_steps
 
