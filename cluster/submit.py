@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import logging
 import shlex
 import sys
@@ -123,11 +124,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         genloop_args = genloop_args[1:]
     if not genloop_args:
         raise ClusterError("nothing to run: give the genloop command after `--`, e.g. -- run")
-    url = job_server_url(args.address)
+    # Local checks first: a mistake in the command or the runtime env costs a second.
     genloop_args, notes = _check_genloop_args(genloop_args)
     runtime_env = build_runtime_env(args.runtime_env)
     entrypoint = entrypoint_for(genloop_args)
-    client, url = job_client(url)
+    client, url = job_client(job_server_url(args.address))
     where = runtime_env.get("working_dir")
     print(f"genloop: uploading {where} as the job's working_dir", file=sys.stderr, flush=True)
     try:
@@ -158,7 +159,8 @@ def build_runtime_env(path: str | None, root: Path = PROJECT_ROOT) -> dict:
     """The project as `working_dir` (minus UPLOAD_EXCLUDES), overridden by the file at `path`.
 
     Raises:
-        ClusterError: the file is missing, not YAML/JSON, or not a mapping.
+        ClusterError: the file is missing, not YAML/JSON, not a mapping, or a key of it has
+            the wrong form (the job server would refuse it only after the upload).
     """
     env: dict = {
         "working_dir": str(root),
@@ -169,39 +171,69 @@ def build_runtime_env(path: str | None, root: Path = PROJECT_ROOT) -> dict:
         return env
     file = Path(path)
     try:
-        given = yaml.safe_load(file.read_text())  # JSON is YAML too
+        given = yaml.safe_load(file.read_text(encoding="utf-8"))  # JSON is YAML too
     except OSError as e:
         raise ClusterError(f"--runtime-env {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ClusterError(f"--runtime-env {path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ClusterError(f"--runtime-env {path}: not YAML or JSON ({_first_line(e)})") from None
     if not isinstance(given, dict):
         raise ClusterError(f"--runtime-env {path}: expected a mapping, e.g. pip: [...]")
     for key, value in given.items():
-        if key == "env_vars" and isinstance(value, dict):
+        where = f"--runtime-env {path}: {key}"
+        if key == "env_vars":
+            if not isinstance(value, dict):
+                raise ClusterError(
+                    f"{where}: expected a mapping of variable names to values, "
+                    "e.g. env_vars: {HF_HOME: /mnt/hf}"
+                )
+            for name, text in value.items():
+                if not isinstance(text, (str, int, float, bool)):  # the job gets it as text
+                    raise ClusterError(f"{where}.{name}: expected text or a number, got {text!r}")
             env["env_vars"].update({str(k): str(v) for k, v in value.items()})
-        elif key == "excludes" and isinstance(value, list):
+        elif key == "excludes":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ClusterError(f"{where}: expected a list of paths, e.g. excludes: [data/]")
             env["excludes"] += value
-        elif key == "working_dir" and isinstance(value, str) and "://" not in value:
-            env["working_dir"] = str((file.parent / value).resolve())  # relative to the file
+        elif key == "working_dir":
+            if not isinstance(value, str):
+                raise ClusterError(f"{where}: expected a directory or a URI, got {value!r}")
+            if "://" in value:  # a package Ray downloads
+                env["working_dir"] = value
+                continue
+            local = (file.parent / value).resolve()  # relative to the file
+            if not local.exists():
+                raise ClusterError(f"{where}: {local} does not exist")
+            env["working_dir"] = str(local)
         else:
             env[key] = value
+    _check_with_ray(env, path)
     return env
 
 
+def _check_with_ray(env: dict, path: str) -> None:
+    """Ray's own check of a runtime env (the types of pip, conda, py_modules, ...; local pip
+    and conda files), which the job client makes only after uploading the working_dir."""
+    from ray.runtime_env import RuntimeEnv
+
+    try:
+        RuntimeEnv(**env)
+    except (TypeError, ValueError) as e:
+        raise ClusterError(f"--runtime-env {path}: {_first_line(e)}") from None
+
+
 def _check_genloop_args(genloop_args: list[str]) -> tuple[list[str], list[str]]:
-    """Refuse a run the cluster would refuse (config errors are found here, before the
-    upload), and make a --config path relative to the uploaded project.
+    """Refuse a command the cluster would refuse (an unknown command or flag, and for `run`
+    config errors, are found here, before the upload), and make a `run --config` path
+    relative to the uploaded project.
 
     Returns the arguments to run and notes for the user."""
-    if genloop_args[0] != "run":
+    args, extra = _parse_genloop_args(genloop_args)
+    if args.command != "run":
         return genloop_args, []
-    from pipeline.cli import _parser
     from pipeline.config import load_config
 
-    args, extra = _parser().parse_known_args(genloop_args)
-    stray = [e for e in extra if e.startswith("-") or "=" not in e]
-    if stray:
-        raise ClusterError(f"run: unrecognized arguments: {' '.join(stray)}")
     overrides = [*args.overrides, *extra]
     rewritten, notes = list(genloop_args), []
     if args.config:
@@ -233,6 +265,35 @@ def _check_genloop_args(genloop_args: list[str]) -> tuple[list[str], list[str]]:
             "on the head node, and workers on other nodes cannot read the models"
         )
     return rewritten, notes
+
+
+def _parse_genloop_args(genloop_args: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Parse the job's command with genloop's own parser, as `genloop` on the head node will;
+    parsing runs nothing. argparse prints its usage and exits on a mistake: its error line
+    becomes the one line of a ClusterError. Returns the parsed arguments and the `key=value`
+    overrides argparse left over (`pipeline.cli.main` takes them as overrides too)."""
+    from pipeline.cli import _parser
+
+    parser = _parser()
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if genloop_args[0] not in commands:
+        raise ClusterError(
+            f"-- {genloop_args[0]}: not a genloop command; the command comes first after `--`, "
+            f"one of: {', '.join(commands)}"
+        )
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            args, extra = parser.parse_known_args(genloop_args)
+    except SystemExit as e:
+        if not e.code:
+            raise  # `-- run --help`: the help is printed, and there is nothing to submit
+        prog, _, message = printed.getvalue().strip().splitlines()[-1].partition(": error: ")
+        raise ClusterError(f"{prog.removeprefix('genloop ')}: {message}") from None
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and not hasattr(args, "overrides")):
+        raise ClusterError(f"{args.command}: unrecognized arguments: {' '.join(stray or extra)}")
+    return args, extra
 
 
 @contextlib.contextmanager

@@ -220,6 +220,30 @@ def test_other_commands_pass_through():
     assert _check_genloop_args(["report", "/mnt/r"]) == (["report", "/mnt/r"], [])
 
 
+@pytest.mark.parametrize(
+    "command, says",
+    [
+        (
+            ["bogus"],
+            "-- bogus: not a genloop command; the command comes first after `--`, one of: run, ",
+        ),
+        (
+            ["select", "--budget", "0"],
+            "select: the following arguments are required: --data, --method, --out",
+        ),
+        (["run", "--bogus"], "run: unrecognized arguments: --bogus"),
+        (["report", "/mnt/r", "a=1"], "report: unrecognized arguments: a=1"),
+        (["jobs", "status"], "jobs status: the following arguments are required: JOB_ID"),
+    ],
+    ids=["unknown-command", "missing-flags", "unknown-flag", "stray-override", "nested"],
+)
+def test_a_command_genloop_would_refuse_is_refused_before_the_cluster(capsys, command, says):
+    code, out, err, _ = _run(capsys, "submit", "--address", "http://127.0.0.1:1", "--", *command)
+    assert code == 2 and out == ""
+    assert _one_error_line(err).startswith(f"genloop: error: {says}")
+    assert err.count("\n") == 1 and "usage:" not in err
+
+
 def test_entrypoint_quotes_each_argument():
     argv = ["run", "task.fields={prompt: question}", "--run-dir", "/mnt/a b"]
     entrypoint = entrypoint_for(argv)
@@ -244,6 +268,7 @@ def test_runtime_env_file_overrides_key_by_key(tmp_path, suffix):
     }
     file = tmp_path / f"env{suffix}"
     file.write_text(json.dumps(given))  # JSON is YAML as well
+    (tmp_path / "proj").mkdir()
     env = build_runtime_env(str(file))
     assert env["pip"] == ["transformers>=4.50"]
     assert env["env_vars"] == {"PYTHONUNBUFFERED": "1", "HF_HOME": "/mnt/hf"}
@@ -254,15 +279,54 @@ def test_runtime_env_file_overrides_key_by_key(tmp_path, suffix):
 
 
 @pytest.mark.parametrize(
-    "text, says",
-    [(None, "cannot read it"), ("pip: [a\n", "not YAML or JSON"), ("- a\n", "mapping")],
+    "content, says",
+    [
+        (None, "cannot read it (No such file or directory)"),
+        ("pip: [a\n", "not YAML or JSON (while parsing a flow sequence)"),
+        ("- a\n", "expected a mapping, e.g. pip: [...]"),
+        (bytes(range(256)) * 10, "not UTF-8 text (byte 128)"),
+        (
+            "env_vars: [1, 2]\n",
+            "env_vars: expected a mapping of variable names to values, "
+            "e.g. env_vars: {HF_HOME: /mnt/hf}",
+        ),
+        ("env_vars: {HF_HOME: [1]}\n", "env_vars.HF_HOME: expected text or a number, got [1]"),
+        ("excludes: data/\n", "excludes: expected a list of paths, e.g. excludes: [data/]"),
+        ("excludes: [1]\n", "excludes: expected a list of paths, e.g. excludes: [data/]"),
+        ("working_dir: 3\n", "working_dir: expected a directory or a URI, got 3"),
+        ("working_dir: nowhere\n", "working_dir: {tmp}/nowhere does not exist"),
+        (  # Ray's own check
+            "pip: [1, 2]\n",
+            "runtime_env['pip'] must be of type str or List[str], got <class 'list'>",
+        ),
+    ],
+    ids=[
+        "missing",
+        "not-yaml",
+        "not-a-mapping",
+        "not-utf8",
+        "env-vars-list",
+        "env-var-list",
+        "excludes-text",
+        "excludes-numbers",
+        "working-dir-number",
+        "working-dir-missing",
+        "pip-numbers",
+    ],
 )
-def test_bad_runtime_env_file(tmp_path, text, says):
+def test_bad_runtime_env_file_is_one_line_before_the_cluster(tmp_path, capsys, content, says):
     file = tmp_path / "env.yaml"
-    if text is not None:
-        file.write_text(text)
-    with pytest.raises(ClusterError, match=says):
-        build_runtime_env(str(file))
+    if isinstance(content, str):
+        file.write_text(content)
+    elif content is not None:
+        file.write_bytes(content)
+    code, out, err, _ = _run(
+        capsys, "submit", "--address", "http://127.0.0.1:1", "--runtime-env", str(file), "--", "run"
+    )
+    assert code == 2 and out == ""
+    says = says.replace("{tmp}", str(tmp_path))
+    assert _one_error_line(err) == f"genloop: error: --runtime-env {file}: {says}"
+    assert err.count("\n") == 1
 
 
 def test_the_uploaded_package_is_the_source_only(tmp_path):
