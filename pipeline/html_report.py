@@ -108,8 +108,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[Pa
     """Build the report of `run_dir` and write it to `out` (default RUN_DIR/report.html).
 
     Raises:
-        FileNotFoundError: `run_dir` is not a directory.
-        ValueError: `run_dir` holds neither config.yaml nor a gen_XX directory.
+        FileNotFoundError: `run_dir` does not exist.
+        ValueError: `run_dir` is a file, or holds neither config.yaml nor a gen_XX directory.
     """
     run_dir = Path(run_dir)
     report = build_report(run_dir)
@@ -120,13 +120,16 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[Pa
 
 def build_report(run_dir: Path) -> Report:
     """Read everything the report shows; each section notes what it had to skip."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: is a file, not a run directory")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     generations = generation_dirs(run_dir)
-    if not generations and not (run_dir / "config.yaml").is_file():
+    config_path = run_dir / "config.yaml"
+    if not generations and not config_path.is_file():
         raise ValueError(f"{run_dir}: not a genloop run directory (no config.yaml, no gen_XX/)")
     report = Report(run_dir)
-    config = _read(report, run_dir / "config.yaml", lambda p: yaml.safe_load(p.read_text()))
+    config = _read(report, config_path, _read_mapping)
     _note_progress(report, generations, config)
     metrics = metrics_table(report, generations)
     builders: list[tuple[str, str, Callable[[], str | None]]] = [
@@ -137,7 +140,7 @@ def build_report(run_dir: Path) -> Report:
         ("guard", "Adaptation guard", lambda: _guard_section(report, generations)),
         ("tokens", "Token-category loss deltas", lambda: _tokens_section(report, generations)),
         ("selection", "Selection clusters", lambda: _selection_section(report, generations)),
-        ("config", "Resolved config", lambda: _config_section(config)),
+        ("config", "Resolved config", lambda: _config_section(config, config_path.is_file())),
     ]
     for anchor, title, build in builders:
         body = build()
@@ -163,8 +166,36 @@ def _read(report: Report, path: Path, reader: Callable[[Path], object]):
     try:
         return reader(path)
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
-        report.notes.append(f"{_rel(report, path)}: unreadable, skipped ({type(e).__name__}: {e})")
+        report.notes.append(f"{_rel(report, path)}: unreadable, skipped ({_reason(e)})")
         return None
+
+
+class UnexpectedContent(ValueError):
+    """A file that parses, but into something the report cannot use; the message says what."""
+
+
+def _reason(error: Exception) -> str:
+    """Why a file could not be read, in one line: a YAML parser's message spans lines and
+    quotes the file, where the line number is what helps."""
+    if isinstance(error, UnexpectedContent):
+        return str(error)
+    if isinstance(error, yaml.YAMLError):
+        mark = getattr(error, "problem_mark", None)
+        return "not valid YAML" + (f" at line {mark.line + 1}" if mark is not None else "")
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text at byte {error.start}"
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _read_mapping(path: Path) -> dict:
+    """A YAML file whose top level is a mapping of sections, as config.yaml is."""
+    value = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if value is None:
+        raise UnexpectedContent("empty")
+    if not isinstance(value, dict):
+        raise UnexpectedContent(f"a YAML {type(value).__name__}, not a mapping of sections")
+    return value
 
 
 def _rel(report: Report, path: Path) -> str:
@@ -177,8 +208,8 @@ def _rel(report: Report, path: Path) -> str:
 def _note_progress(report: Report, generations: dict[int, Path], config) -> None:
     expected = None
     if isinstance(config, dict):
-        loop = config.get("loop") or {}
-        if isinstance(loop.get("generations"), int):
+        loop = config.get("loop")
+        if isinstance(loop, dict) and isinstance(loop.get("generations"), int):
             expected = loop["generations"] + 1
     for index, directory in generations.items():
         if not (directory / "metrics.json").is_file():
@@ -526,8 +557,10 @@ def _selection_section(report: Report, generations: dict[int, Path]) -> str | No
     return _img(report, fig, "selection cluster sizes per generation")
 
 
-def _config_section(config) -> str:
+def _config_section(config, present: bool) -> str:
     if not isinstance(config, dict):
+        if present:
+            return _p("config.yaml could not be read; see the note at the top.")
         return _p("No config.yaml in the run directory.")
     top = [(key, value) for key, value in config.items() if not isinstance(value, dict)]
     groups = [("run", top)] if top else []

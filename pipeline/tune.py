@@ -121,6 +121,12 @@ class Param:
             return tune.choice(list(a))
         return tune.grid_search(list(a))
 
+    def written(self) -> list:
+        """The values the preset wrote: a range's ends, or every value listed."""
+        if self.kind in ("choice", "grid"):
+            return list(self.args)
+        return [self.args[0], self.args[1]]
+
     def probes(self) -> list:
         """Values that stand for the whole range when checking it against the config: both
         ends, and an off-grid value inside (a float range over an integer-only key fails)."""
@@ -234,7 +240,15 @@ def _read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return raw
     if not isinstance(base, str):
         raise ConfigError([f"{path}: base: expected a file name, got {base!r}"])
-    inherited = _read_preset(path.parent / base, (*seen, path.resolve()))
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(
+            [
+                f"{path}: base: {base}: no such file ({base_path.resolve()}; a base is relative "
+                "to the preset)"
+            ]
+        )
+    inherited = _read_preset(base_path, (*seen, path.resolve()))
     inherited.pop("tune", None)  # a base's search is not this preset's
     return _merge(inherited, raw)
 
@@ -399,12 +413,29 @@ def _parse_space(raw: Any, algorithm: str, base: RunConfig | None, errors: list[
         space[key] = Param(key, kind, list(args))
     # Every sampled config must be valid: try the ends and an inside value of every range.
     for param in space.values() if base is not None else ():
-        for value in param.probes():
-            try:
-                resolve_config(base, {param.key: value})
-            except ConfigError as e:
-                errors.extend(f"tune.space: {message}" for message in e.errors)
+        errors.extend(_sample_errors(param, base))
     return space
+
+
+def _sample_errors(param: Param, base: RunConfig) -> list[str]:
+    """Why configs sampled from `param` would be invalid. The values the preset wrote are
+    tried first, and a value inside a range only when they pass: a bound out of range is
+    one error about that bound, not a second about some value sampled below it."""
+
+    def problems(value) -> list[str]:
+        try:
+            resolve_config(base, {param.key: value})
+        except ConfigError as e:
+            return e.errors
+        return []
+
+    written = param.written()
+    errors = [f"tune.space: {m}" for value in written for m in problems(value)]
+    if errors:
+        return errors
+    sampled = f"a value {param.kind}: {param.args} samples"
+    inside = [value for value in param.probes() if value not in written]
+    return [f"tune.space: {m} ({sampled})" for value in inside for m in problems(value)]
 
 
 def _check_args(kind: str, args: Any) -> str | None:
@@ -666,7 +697,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if args.config or args.overrides or args.out or args.runs_dir:
             raise UsageError("--resume takes the experiment's own tune.yaml; give only the path")
         experiment = _location(args.resume)
-        saved = yaml.safe_load(_read_text(experiment, SPEC_FILE))
+        saved = _read_spec(experiment)
         search = parse_search(
             saved["tune"], resolve_config(RunConfig(), flatten_mapping(saved["base"]))
         )
@@ -1162,6 +1193,30 @@ def _read_text(location: str, name: str) -> str:
     fs, path = _filesystem(location)
     with fs.open_input_stream(f"{path}/{name}") as f:
         return f.readall().decode()
+
+
+def _read_spec(experiment: str) -> dict:
+    """The experiment's tune.yaml, as `cmd_tune` wrote it.
+
+    Raises:
+        UsageError: there is none.
+        ConfigError: it is damaged (not UTF-8 YAML with the sections genloop writes).
+    """
+    try:
+        saved = yaml.safe_load(_read_text(experiment, SPEC_FILE))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    sections = {"base": dict, "tune": dict, "runs_dir": str, "gen0_dir": (str, type(None))}
+    if not isinstance(saved, dict) or not all(
+        isinstance(saved.get(key), kind) for key, kind in sections.items()
+    ):
+        raise ConfigError(
+            [
+                f"{experiment}/{SPEC_FILE}: damaged; genloop tune writes it as YAML with "
+                f"{', '.join(sections)}, and --resume needs it as written"
+            ]
+        )
+    return saved
 
 
 def _write_bytes(location: str, name: str, data: bytes) -> None:

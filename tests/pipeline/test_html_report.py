@@ -188,6 +188,41 @@ def test_report_bad_run_dir_exits_2(tmp_path, capsys):
     assert "not a genloop run directory" in err and "Traceback" not in err
 
 
+def test_report_of_a_file_says_it_is_a_file(tmp_path, capsys):
+    file = tmp_path / "run.txt"
+    file.write_text("not a run\n")
+    assert main(["report", str(file)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"genloop: error: {file}: is a file, not a run directory\n"
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize(
+    "content, note",
+    [
+        (b"{bad", "not valid YAML at line 1"),
+        (b"seed: 0\nloop: [1\n", "not valid YAML at line 3"),
+        (bytes(range(256)), "not UTF-8 text at byte 128"),
+        (b"- a\n", "a YAML list, not a mapping of sections"),
+        (b"", "empty"),
+    ],
+    ids=["not-yaml", "cut-short", "not-utf8", "a-list", "empty"],
+)
+def test_a_damaged_config_yaml_is_a_one_line_note(tmp_path, capsys, content, note):
+    """The report shows what it can of a run, as it does for every other damaged file."""
+    run = tmp_path / "run"
+    _done(run / "gen_00", "generate")
+    (run / "config.yaml").write_bytes(content)
+    assert main(["report", str(run)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1:] == [
+        f"  skipped: config.yaml: unreadable, skipped ({note})",
+        "  skipped: gen_00: unfinished (stages done: generate); its metrics are not shown",
+    ]
+    page = (run / "report.html").read_text()
+    assert "config.yaml could not be read; see the note at the top." in page
+
+
 def test_report_shows_what_the_guard_set_aside(run_dir):
     from pipeline.html_report import guard_events
 

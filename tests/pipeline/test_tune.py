@@ -220,6 +220,64 @@ def test_cli_prints_config_errors_and_usage_errors(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def _config_errors(capsys, *argv) -> list[str]:
+    """The lines `genloop` printed, after checking it printed only config errors, exit 2."""
+    assert main(list(argv)) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and all(line.startswith("genloop: config error: ") for line in lines)
+    return lines
+
+
+def test_a_preset_that_is_not_utf8_is_one_config_error(tmp_path, capsys):
+    preset = tmp_path / "preset.yaml"
+    preset.write_bytes(bytes(range(256)) * 10)
+    assert _config_errors(capsys, "tune", "--config", str(preset)) == [
+        f"genloop: config error: {preset}: line 2: not UTF-8 text"
+    ]
+
+
+def test_a_missing_base_names_the_preset_and_its_base_key(tmp_path, capsys):
+    (tmp_path / "presets").mkdir()
+    preset = tmp_path / "presets" / "p.yaml"
+    preset.write_text("base: ../arithmetic.yaml\ntune: {space: {mix.mode: {choice: [replace]}}}\n")
+    assert _config_errors(capsys, "tune", "--config", str(preset)) == [
+        f"genloop: config error: {preset}: base: ../arithmetic.yaml: no such file "
+        f"({tmp_path / 'arithmetic.yaml'}; a base is relative to the preset)"
+    ]
+
+
+def test_a_bound_out_of_range_is_one_error_about_the_bound(tmp_path, capsys):
+    preset = _preset(tmp_path, {"space": {"mix.real_fraction": {"uniform": [0, 5]}}})
+    assert _config_errors(capsys, "tune", "--config", str(preset)) == [
+        "genloop: config error: tune.space: mix.real_fraction: must be in [0, 1], got 5.0"
+    ]
+    # Both bounds wrong: one error each; a value inside is named as a sample of the range.
+    with pytest.raises(ConfigError) as caught:
+        parse_search({"space": {"mix.real_fraction": {"uniform": [-1, 5]}}}, RunConfig())
+    assert caught.value.errors == [
+        "tune.space: mix.real_fraction: must be in [0, 1], got -1.0",
+        "tune.space: mix.real_fraction: must be in [0, 1], got 5.0",
+    ]
+    with pytest.raises(ConfigError) as caught:
+        parse_search({"space": {"train.steps": {"uniform": [10, 20]}}}, RunConfig())
+    assert caught.value.errors == [
+        "tune.space: train.steps: expected an integer, got 13.77 "
+        "(a value uniform: [10, 20] samples)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "content", [b"{bad", bytes(range(256)), b"a: 1\n", b"base: {}\ntune: []\n"]
+)
+def test_resuming_from_a_damaged_tune_yaml_is_one_config_error(tmp_path, capsys, content):
+    (tmp_path / "tune.yaml").write_bytes(content)
+    assert _config_errors(capsys, "tune", "--resume", str(tmp_path)) == [
+        f"genloop: config error: {tmp_path}/tune.yaml: damaged; genloop tune writes it as YAML "
+        "with base, tune, runs_dir, gen0_dir, and --resume needs it as written"
+    ]
+
+
 # --------------------------------------------------------------------------- resources
 
 
