@@ -223,9 +223,19 @@ def check_local_fit(stages: dict[str, int], requested: int | None = None) -> Non
     import ray
 
     cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive", False)]
+    check_fit(stages, requested, cpus)
+
+
+def check_fit(stages: dict[str, int], requested: int | None, cpus: list[float]) -> None:
+    """`check_local_fit` on nodes with `cpus` CPUs each; `genloop run` also calls it before
+    a local Ray starts, with the CPUs that Ray will have.
+
+    Raises:
+        ClusterError: naming the first key whose workers cannot fit.
+    """
     total, largest = sum(cpus), max(cpus, default=0.0)
     for key, workers in stages.items():
-        each = cpus_per_worker(workers, requested)
+        each = requested if requested is not None else cpu_share(workers, cpus)
         if workers * each > total or each > largest:
             lower = f"lower {key}" + (" or ray.cpus_per_worker" if requested else "")
             raise ClusterError(
@@ -244,6 +254,12 @@ def cpus_per_worker(workers: int, requested: int | None = None) -> int:
     import ray
 
     cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive", False)]
+    return cpu_share(workers, cpus)
+
+
+def cpu_share(workers: int, cpus: list[float]) -> int:
+    """An equal share of the nodes' `cpus` for each of `workers`, that still fits on the
+    largest node (at least 1)."""
     if not cpus:
         return 1
     return max(1, min(int(max(cpus)), int(sum(cpus) // max(1, workers))))

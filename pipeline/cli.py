@@ -159,6 +159,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_local_resources(cfg) -> None:
+    """Before a local Ray starts: every CPU stage's workers fit on the CPUs it will have, and
+    a GPU run has a GPU.
+
+    Raises:
+        ClusterError: a stage does not fit.
+        ConfigError: train.use_gpu without a GPU here.
+    """
+    from cluster.connect import check_fit
+    from pipeline.config import ConfigError
+    from pipeline.loop import cpu_stages
+
+    if cfg.train.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                [
+                    "train.use_gpu=true: no GPU here for the local Ray (torch sees no CUDA "
+                    "device); give ray.address= of a cluster with GPUs"
+                ]
+            )
+        return
+    from ray._private.utils import get_num_cpus  # what a local Ray counts as its CPUs
+
+    check_fit(cpu_stages(cfg), cfg.ray.cpus_per_worker, [cfg.ray.num_cpus or get_num_cpus()])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError, load_config
     from pipeline.data import DataError
@@ -210,10 +238,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             check_model_path(cfg.model.path)
         except DataError as e:
             raise ConfigError([f"model.path: {e}"]) from None
-    # A wrong cluster address, too, should cost a second and leave no run directory behind.
+    # A wrong cluster address, too, should cost a second and leave no run directory behind,
+    # and so should workers or GPUs that the local Ray will not have.
     from cluster.connect import preflight
 
-    preflight(cfg.ray.address)
+    if preflight(cfg.ray.address).kind == "local":
+        check_local_resources(cfg)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not cfg.train.use_gpu else "cuda")
     if not args.verbose:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")

@@ -118,15 +118,7 @@ def run_loop(
             )
         )
     if not cfg.train.use_gpu:
-        check_local_fit(
-            {
-                "generate.workers": cfg.generate.workers,
-                "score.workers": cfg.score.workers,
-                "eval.workers": cfg.eval.workers,
-                "train.workers": cfg.train.workers,
-            },
-            cfg.ray.cpus_per_worker,
-        )
+        check_local_fit(cpu_stages(cfg), cfg.ray.cpus_per_worker)
     quiet_logs()
     base = prepare_base_model(cfg, task, run_dir)
     if remote is not None:
@@ -797,6 +789,16 @@ def _without_train_dir_or_tracked(directory: str, names: list[str]) -> list[str]
     if here == "gen_00":
         return [name for name in names if name == "train"]
     return [name for name in names if name == "tracked" and here == ".done"]
+
+
+def cpu_stages(cfg: RunConfig) -> dict[str, int]:
+    """The workers of each stage of a CPU run, by config key: each stage must fit on its own."""
+    return {
+        "generate.workers": cfg.generate.workers,
+        "score.workers": cfg.score.workers,
+        "eval.workers": cfg.eval.workers,
+        "train.workers": cfg.train.workers,
+    }
 
 
 def prepare_base_model(cfg: RunConfig, task: Task, run_dir: Path) -> str:

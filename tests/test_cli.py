@@ -188,3 +188,25 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(
     assert "Traceback" not in out.err
     assert not ray.is_initialized()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]  # nothing created
+
+
+def test_workers_that_do_not_fit_the_local_ray_are_refused_before_it_starts(capsys, tmp_path):
+    """Found after Ray started, the run directory was left behind, and a corrected rerun was
+    refused ('already holds a run') while --resume could not change the workers."""
+    import ray
+
+    run_dir = tmp_path / "r"
+    code, out = _run(
+        capsys,
+        "run",
+        "--run-dir",
+        str(run_dir),
+        "ray.num_cpus=2",
+        "train.workers=3",
+        "train.batch_size=63",
+    )
+    assert code == 2 and out.err == (
+        "genloop: error: train.workers=3: 3 worker(s) x 1 CPU(s) do not fit on the local Ray's "
+        "2 CPUs; lower train.workers, or raise ray.num_cpus\n"
+    )
+    assert not ray.is_initialized() and not run_dir.exists()
