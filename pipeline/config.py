@@ -542,6 +542,16 @@ def validate(c: RunConfig) -> list[str]:
         errors.extend(_deepspeed_file_errors(ds))
 
     need(c.guard.tolerance >= 0, f"guard.tolerance: must be >= 0, got {c.guard.tolerance}")
+    checks_answers = c.task.name == "arithmetic" or (
+        c.task.name == "pairs" and c.task.verifier != "none"
+    )
+    need(
+        c.guard.metric != "accuracy" or checks_answers,
+        f"guard.metric: accuracy needs a task that checks answers (arithmetic, or pairs with "
+        f"a task.verifier), not task.name={c.task.name}"
+        + (" task.verifier=none" if c.task.name == "pairs" else "")
+        + "; use perplexity or auto",
+    )
     need(
         c.diagnostics.mix_embedding_rows >= 0,
         f"diagnostics.mix_embedding_rows: must be >= 0, got {c.diagnostics.mix_embedding_rows}",

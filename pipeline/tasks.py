@@ -148,6 +148,11 @@ def _text_task(cfg: TaskConfig, seed: int) -> Task:
     rng = np.random.default_rng([seed, _SEED_STREAM])
     real_chunks = _spread_chunks(train_blocks, cfg.real_chars, cfg.block_chars, rng)
     heldout_chunks = [c for b in heldout_blocks for c in _chunks(b, cfg.block_chars)]
+    if not heldout_chunks:  # only a short task.heldout_path leaves none
+        raise DataError(
+            f"{cfg.heldout_path}: {len(heldout_blocks[0])} characters; held-out text needs at "
+            f"least one block of task.block_chars ({cfg.block_chars})"
+        )
     heldout_rng = np.random.default_rng([seed, _HELDOUT_STREAM])
     if len(heldout_chunks) > cfg.heldout_limit:
         pick = np.sort(heldout_rng.choice(len(heldout_chunks), cfg.heldout_limit, replace=False))

@@ -108,6 +108,16 @@ def test_generation_backend_vllm_needs_gpus_and_vllm():
         load_config(None, ["generate.backend=tgi"])
 
 
+def test_an_accuracy_guard_needs_a_task_that_checks_answers():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["task.name=text", "task.path=x.txt", "guard.metric=accuracy"])
+    assert info.value.errors == [
+        "guard.metric: accuracy needs a task that checks answers (arithmetic, or pairs with a "
+        "task.verifier), not task.name=text; use perplexity or auto"
+    ]
+    load_config(None, ["guard.metric=accuracy"])  # arithmetic checks its answers
+
+
 def test_text_task_needs_a_path():
     with pytest.raises(ConfigError, match="task.path"):
         load_config(None, ["task.name=text"])

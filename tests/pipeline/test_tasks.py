@@ -57,6 +57,16 @@ def test_text_task_refuses_a_tiny_file(tmp_path):
         make_task(TaskConfig(name="text", path=str(path)), 0)
 
 
+def test_text_task_refuses_held_out_text_shorter_than_a_block(tmp_path, shakespeare):
+    short = tmp_path / "short.txt"
+    short.write_text("abcdefghij")
+    with pytest.raises(DataError) as error:
+        make_task(TaskConfig(name="text", path=str(shakespeare), heldout_path=str(short)), 0)
+    assert str(error.value) == (
+        f"{short}: 10 characters; held-out text needs at least one block of task.block_chars (128)"
+    )
+
+
 def test_pairs_task_loads_gsm8k_with_a_field_mapping(gsm8k):
     cfg = TaskConfig(
         name="pairs",
