@@ -839,10 +839,20 @@ def run_search(
         grid = tuner.fit()
         results = collect_results(grid.experiment_path, grid.filesystem, search)
         owed = open_trials(grid.experiment_path, grid.filesystem, search)
+        # The last line of each failed trial's error: the exception, not Ray's traceback.
+        failed = [(str(e).strip().splitlines() or [type(e).__name__])[-1] for e in grid.errors]
     finally:
         ray.shutdown()
+    failures = (
+        f"{len(failed)} trial(s) failed, the first with: {failed[0]}; "
+        f"--resume {experiment} runs them again"
+        if failed
+        else ""
+    )
     if results.empty:
         say(f"genloop tune: no trial reported a generation; {owed} trial(s) still to run")
+        if failures:
+            say(f"genloop tune: {failures}")
         return 1
     write_outputs(results, search, experiment)
     say("")
@@ -858,6 +868,9 @@ def run_search(
     if owed:
         say(f"\n{owed} trial(s) still to run; continue with: genloop tune --resume {experiment}")
     say(f"\ngenloop tune: finished in {time.perf_counter() - started:.0f}s; {experiment}")
+    if failures:
+        say(f"genloop tune: {failures}")
+        return 1
     return 0
 
 
