@@ -213,6 +213,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "(only loop.generations and ray.* may change)"
                 )
         cfg = load_config(saved, args.overrides)
+        planned = load_config(saved).loop.generations
+        if cfg.loop.generations < planned:
+            raise UsageError(
+                f"loop.generations={cfg.loop.generations}: a resumed run may only grow; this "
+                f"one has loop.generations={planned}"
+            )
     else:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.task.name}")

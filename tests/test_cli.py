@@ -210,3 +210,12 @@ def test_workers_that_do_not_fit_the_local_ray_are_refused_before_it_starts(caps
         "2 CPUs; lower train.workers, or raise ray.num_cpus\n"
     )
     assert not ray.is_initialized() and not run_dir.exists()
+
+
+def test_resume_may_lengthen_a_run_but_not_shorten_it(capsys, tmp_path):
+    (tmp_path / "config.yaml").write_text("loop:\n  generations: 2\n")
+    code, out = _run(capsys, "run", "--resume", "--run-dir", str(tmp_path), "loop.generations=1")
+    assert code == 2 and out.err == (
+        "genloop: error: loop.generations=1: a resumed run may only grow; this one has "
+        "loop.generations=2\n"
+    )
