@@ -576,19 +576,32 @@ def validate(c: RunConfig) -> list[str]:
     return errors
 
 
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
 def _deepspeed_file_errors(ds: DeepSpeedConfig) -> list[str]:
-    """The DeepSpeed JSON exists, parses, and agrees with zero_stage, offload and precision."""
+    """The DeepSpeed JSON exists, parses, leaves the batch to genloop, and agrees with
+    zero_stage, offload and precision."""
     key, path = "train.deepspeed.config_file", Path(ds.config_file)
     if not path.is_file():
         return [f"{key}: file not found: {path}"]
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        return [f"{key}: {path}: not UTF-8 text"]
     except json.JSONDecodeError as e:
         return [f"{key}: {path}: not valid JSON (line {e.lineno}: {e.msg})"]
     zero = data.get("zero_optimization", {}) if isinstance(data, dict) else None
     if not isinstance(zero, dict):
         return [f"{key}: {path}: expected a JSON object, with zero_optimization an object"]
-    errors = []
+    # genloop derives these from train.batch_size and train.workers; DeepSpeed stops at the
+    # first step when they disagree.
+    errors = [
+        f"{key}: {path} sets {name}={data[name]!r}; genloop sets the batch from "
+        f'train.batch_size and train.workers: remove it or write "auto"'
+        for name in BATCH_KEYS
+        if data.get(name, "auto") != "auto"
+    ]
     stage = zero.get("stage", ds.zero_stage)
     if stage != ds.zero_stage:
         errors.append(f"{key}: {path} is ZeRO {stage}; add train.deepspeed.zero_stage={stage}")

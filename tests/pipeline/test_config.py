@@ -144,3 +144,16 @@ def test_missing_and_malformed_config_files(tmp_path):
 
 def test_scientific_notation_is_a_number():
     assert load_config(None, ["train.lr=3e-3"]).train.lr == 0.003
+
+
+def test_a_deepspeed_file_that_sets_the_batch_is_refused_up_front(tmp_path):
+    """DeepSpeed asserted at the first training step that the file's batch disagreed with
+    genloop's, after retries, as a traceback."""
+    path = tmp_path / "ds.json"
+    path.write_text('{"train_batch_size": 100, "gradient_accumulation_steps": "auto"}')
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"train.deepspeed.config_file={path}"])
+    assert info.value.errors == [
+        f"train.deepspeed.config_file: {path} sets train_batch_size=100; genloop sets the batch "
+        'from train.batch_size and train.workers: remove it or write "auto"'
+    ]
