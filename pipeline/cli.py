@@ -239,11 +239,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.tasks import make_task
 
     make_task(cfg.task, cfg.seed)
-    if cfg.model.path is not None:
+    models = {"model.path": cfg.model.path}
+    if cfg.diagnostics.mix_embedding_rows > 0:
+        models["diagnostics.embedding_model"] = cfg.diagnostics.embedding_model
+    for key, path in models.items():
         try:
-            check_model_path(cfg.model.path)
+            if path is not None:
+                check_model_path(path)
         except DataError as e:
-            raise ConfigError([f"model.path: {e}"]) from None
+            raise ConfigError([f"{key}: {e}"]) from None
     # A wrong cluster address, too, should cost a second and leave no run directory behind,
     # and so should workers or GPUs that the local Ray will not have.
     from cluster.connect import preflight

@@ -219,3 +219,16 @@ def test_resume_may_lengthen_a_run_but_not_shorten_it(capsys, tmp_path):
         "genloop: error: loop.generations=1: a resumed run may only grow; this one has "
         "loop.generations=2\n"
     )
+
+
+def test_a_missing_embedding_model_is_refused_before_any_work(capsys, tmp_path):
+    """It was found after generation 0 had trained, and --resume could not change it."""
+    missing = tmp_path / "encoder"
+    code, out = _run(
+        capsys, "run", "--run-dir", str(tmp_path / "r"), f"diagnostics.embedding_model={missing}"
+    )
+    assert code == 2 and out.err == (
+        f"genloop: config error: diagnostics.embedding_model: {missing}: model directory not "
+        "found\n"
+    )
+    assert not (tmp_path / "r").exists()
