@@ -248,6 +248,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 check_model_path(path)
         except DataError as e:
             raise ConfigError([f"{key}: {e}"]) from None
+    if cfg.diagnostics.mlflow_uri:
+        from pipeline.tracking import check_mlflow_server
+
+        check_mlflow_server(cfg.diagnostics.mlflow_uri)
     # A wrong cluster address, too, should cost a second and leave no run directory behind,
     # and so should workers or GPUs that the local Ray will not have.
     from cluster.connect import preflight

@@ -71,6 +71,31 @@ class Tracker:
             self._tensorboard.close()
 
 
+def check_mlflow_server(uri: str, timeout_s: float = 5.0) -> None:
+    """An http(s) tracking URI answers (any HTTP status will do). MLflow's own client retries
+    a server that is down for minutes before it gives up with a traceback.
+
+    Raises:
+        ConfigError: nothing answers at `uri`.
+    """
+    import urllib.error
+    import urllib.request
+
+    from pipeline.config import ConfigError
+
+    if not uri.startswith(("http://", "https://")):
+        return  # a local store (a path, sqlite:///...): MLflow creates it
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(
+            [f"diagnostics.mlflow_uri: no MLflow server answers at {uri} ({reason})"]
+        ) from None
+
+
 def _start_mlflow(cfg: RunConfig, run_dir: Path):
     """An MLflow client and the run of this genloop run (created once, then reused)."""
     try:

@@ -67,3 +67,27 @@ def test_mlflow_gets_params_and_one_run_per_genloop_run(tmp_path, monkeypatch):
     history = client.get_metric_history(run.info.run_id, "accuracy")
     assert [(m.step, m.value) for m in history] == [(0, 0.5), (1, 0.7)]
     assert not (run_dir / "tensorboard").exists()
+
+
+def test_an_mlflow_server_that_does_not_answer_is_a_config_error():
+    """MLflow's client retried a server that was down for minutes, then raised."""
+    import http.server
+    import socket
+    import threading
+
+    from pipeline.config import ConfigError
+    from pipeline.tracking import check_mlflow_server
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConfigError) as info:
+        check_mlflow_server(f"http://127.0.0.1:{port}", timeout_s=2)
+    assert info.value.errors[0].startswith(
+        f"diagnostics.mlflow_uri: no MLflow server answers at http://127.0.0.1:{port} ("
+    )
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    check_mlflow_server(f"http://127.0.0.1:{server.server_port}")  # any answer will do (501)
+    server.server_close()
+    check_mlflow_server("sqlite:///nowhere/mlflow.db")  # a store MLflow creates: not checked
