@@ -434,7 +434,11 @@ def validate(c: RunConfig) -> list[str]:
     if t.name in ("text", "pairs"):
         need(t.path is not None, f"task.path: task {t.name!r} needs a data file (task.path=FILE)")
     if t.name == "arithmetic":
-        need(t.path is None, "task.path: the arithmetic task makes its own data; remove task.path")
+        for key in ("path", "heldout_path"):
+            need(
+                getattr(t, key) is None,
+                f"task.{key}: the arithmetic task makes its own data; remove task.{key}",
+            )
     for key in t.fields:
         need(
             key in ("prompt", "response", "text"),
@@ -448,6 +452,15 @@ def validate(c: RunConfig) -> list[str]:
         m.n_embd % m.n_head == 0 if m.n_head > 0 else True,
         f"model.n_embd ({m.n_embd}) must be a multiple of model.n_head ({m.n_head})",
     )
+
+    if t.name == "arithmetic":
+        # start token, "aaa+bbb=", the sum's digits (one more than an operand's), end token
+        example = 1 + (2 * t.digits + 2) + (t.digits + 1) + 1
+        need(
+            m.max_length >= example,
+            f"model.max_length: an arithmetic example with task.digits={t.digits} is {example} "
+            f"tokens; got {m.max_length}",
+        )
 
     need(c.loop.generations >= 0, f"loop.generations: must be >= 0, got {c.loop.generations}")
     positive("loop.gen0_steps", c.loop.gen0_steps)

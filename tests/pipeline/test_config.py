@@ -157,3 +157,13 @@ def test_a_deepspeed_file_that_sets_the_batch_is_refused_up_front(tmp_path):
         f"train.deepspeed.config_file: {path} sets train_batch_size=100; genloop sets the batch "
         'from train.batch_size and train.workers: remove it or write "auto"'
     ]
+
+
+def test_the_arithmetic_task_refuses_held_out_files_and_a_context_too_short_for_a_sum():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["task.heldout_path=h.jsonl", "model.max_length=4"])
+    assert info.value.errors == [
+        "task.heldout_path: the arithmetic task makes its own data; remove task.heldout_path",
+        "model.max_length: an arithmetic example with task.digits=3 is 14 tokens; got 4",
+    ]
+    assert load_config(None, ["model.max_length=14"]).model.max_length == 14
