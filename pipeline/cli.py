@@ -159,6 +159,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_before_ray(cfg) -> None:
+    """What can be wrong with a run and be found in a second, before Ray starts and the run
+    directory is made, instead of minutes into the run: the data, the models, the MLflow
+    server, the cluster address, and for a local Ray its CPUs and GPU.
+
+    Raises:
+        DataError, ConfigError, ClusterError: the first problem found.
+    """
+    from cluster.connect import preflight
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+    from pipeline.diagnostics import check_model_path
+    from pipeline.tasks import make_task
+    from pipeline.tracking import check_mlflow_server
+
+    make_task(cfg.task, cfg.seed)
+    models = {"model.path": cfg.model.path}
+    if cfg.diagnostics.mix_embedding_rows > 0:
+        models["diagnostics.embedding_model"] = cfg.diagnostics.embedding_model
+    for key, path in models.items():
+        if path is None:
+            continue
+        try:
+            check_model_path(path)
+        except DataError as e:
+            raise ConfigError([f"{key}: {e}"]) from None
+    if cfg.diagnostics.mlflow_uri:
+        check_mlflow_server(cfg.diagnostics.mlflow_uri)
+    if preflight(cfg.ray.address).kind == "local":
+        check_local_resources(cfg)
+
+
 def check_local_resources(cfg) -> None:
     """Before a local Ray starts: every CPU stage's workers fit on the CPUs it will have, and
     a GPU run has a GPU.
@@ -188,8 +220,7 @@ def check_local_resources(cfg) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError, load_config
-    from pipeline.data import DataError
+    from pipeline.config import load_config
     from pipeline.storage import RemoteRun, is_uri
 
     # A storage URI (s3://..., gs://..., file:///...) is mirrored locally; see pipeline/storage.
@@ -233,31 +264,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"{args.run_dir or run_dir} already holds a run; continue it with --resume "
                 "or choose another --run-dir"
             )
-    # Validate user data and model before Ray starts: a bad file should cost a second, not a
-    # minute.
-    from pipeline.diagnostics import check_model_path
-    from pipeline.tasks import make_task
-
-    make_task(cfg.task, cfg.seed)
-    models = {"model.path": cfg.model.path}
-    if cfg.diagnostics.mix_embedding_rows > 0:
-        models["diagnostics.embedding_model"] = cfg.diagnostics.embedding_model
-    for key, path in models.items():
-        try:
-            if path is not None:
-                check_model_path(path)
-        except DataError as e:
-            raise ConfigError([f"{key}: {e}"]) from None
-    if cfg.diagnostics.mlflow_uri:
-        from pipeline.tracking import check_mlflow_server
-
-        check_mlflow_server(cfg.diagnostics.mlflow_uri)
-    # A wrong cluster address, too, should cost a second and leave no run directory behind,
-    # and so should workers or GPUs that the local Ray will not have.
-    from cluster.connect import preflight
-
-    if preflight(cfg.ray.address).kind == "local":
-        check_local_resources(cfg)
+    check_before_ray(cfg)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not cfg.train.use_gpu else "cuda")
     if not args.verbose:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
