@@ -232,3 +232,17 @@ def test_a_missing_embedding_model_is_refused_before_any_work(capsys, tmp_path):
         "found\n"
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_a_gpu_run_without_a_gpu_is_refused_before_the_local_ray_starts(capsys, tmp_path):
+    """It used to wait forever for a GPU that the local Ray did not have."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, out = _run(capsys, "run", "--run-dir", str(tmp_path / "r"), "train.use_gpu=true")
+    assert code == 2 and out.err == (
+        "genloop: config error: train.use_gpu=true: no GPU here for the local Ray (torch sees no "
+        "CUDA device); give ray.address= of a cluster with GPUs\n"
+    )
+    assert not (tmp_path / "r").exists()
