@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import logging
 import shlex
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from cluster.connect import ClusterError, job_client, job_server_url
+from pipeline.storage import is_uri
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # gitignore-style patterns, relative to the project root; .gitignore is honoured as well.
@@ -199,7 +199,7 @@ def build_runtime_env(path: str | None, root: Path = PROJECT_ROOT) -> dict:
         elif key == "working_dir":
             if not isinstance(value, str):
                 raise ClusterError(f"{where}: expected a directory or a URI, got {value!r}")
-            if "://" in value:  # a package Ray downloads
+            if is_uri(value):  # a package Ray downloads
                 env["working_dir"] = value
                 continue
             local = (file.parent / value).resolve()  # relative to the file
@@ -229,12 +229,12 @@ def _check_genloop_args(genloop_args: list[str]) -> tuple[list[str], list[str]]:
     relative to the uploaded project.
 
     Returns the arguments to run and notes for the user."""
-    args, extra = _parse_genloop_args(genloop_args)
+    args = _parse_genloop_args(genloop_args)
     if args.command != "run":
         return genloop_args, []
     from pipeline.config import load_config
 
-    overrides = [*args.overrides, *extra]
+    overrides = args.overrides
     rewritten, notes = list(genloop_args), []
     if args.config:
         config = Path(args.config).resolve()
@@ -267,33 +267,24 @@ def _check_genloop_args(genloop_args: list[str]) -> tuple[list[str], list[str]]:
     return rewritten, notes
 
 
-def _parse_genloop_args(genloop_args: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Parse the job's command with genloop's own parser, as `genloop` on the head node will;
-    parsing runs nothing. argparse prints its usage and exits on a mistake: its error line
-    becomes the one line of a ClusterError. Returns the parsed arguments and the `key=value`
-    overrides argparse left over (`pipeline.cli.main` takes them as overrides too)."""
-    from pipeline.cli import _parser
+def _parse_genloop_args(genloop_args: list[str]) -> argparse.Namespace:
+    """The job's command, parsed as `genloop` on the head node will parse it (parsing runs
+    nothing; `-- run --help` prints the help and exits)."""
+    from pipeline.cli import ArgumentError, _parser, parse_command
 
-    parser = _parser()
-    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = next(
+        a.choices for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
     if genloop_args[0] not in commands:
         raise ClusterError(
             f"-- {genloop_args[0]}: not a genloop command; the command comes first after `--`, "
             f"one of: {', '.join(commands)}"
         )
-    printed = io.StringIO()
     try:
-        with contextlib.redirect_stderr(printed):
-            args, extra = parser.parse_known_args(genloop_args)
-    except SystemExit as e:
-        if not e.code:
-            raise  # `-- run --help`: the help is printed, and there is nothing to submit
-        prog, _, message = printed.getvalue().strip().splitlines()[-1].partition(": error: ")
-        raise ClusterError(f"{prog.removeprefix('genloop ')}: {message}") from None
-    stray = [e for e in extra if e.startswith("-") or "=" not in e]
-    if stray or (extra and not hasattr(args, "overrides")):
-        raise ClusterError(f"{args.command}: unrecognized arguments: {' '.join(stray or extra)}")
-    return args, extra
+        return parse_command(genloop_args)
+    except ArgumentError as e:
+        command = e.prog.removeprefix("genloop ")
+        raise ClusterError(f"{command}: {e.message}; see {e.prog} --help") from None
 
 
 @contextlib.contextmanager

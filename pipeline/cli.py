@@ -68,17 +68,13 @@ def make_output_dir(path: str | Path, flag: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    # Overrides may come before, between or after the options (`run --config X a=1 --run-dir Y
-    # b=2`): argparse leaves the later ones over, and they join the first ones here.
-    args, extra = parser.parse_known_args(argv)
-    stray = [e for e in extra if e.startswith("-") or "=" not in e]
-    if stray or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
+    try:
+        args = parse_command(argv)
+    except ArgumentError as e:
+        print(e, file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     if not getattr(args, "command", None):
-        parser.print_help()
+        _parser().print_help()
         return EXIT_BAD_INPUT
     from cluster.connect import ClusterError
     from pipeline.config import ConfigError
@@ -98,12 +94,38 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class ArgumentError(Exception):
+    """A bad command line: the parser's `prog` (genloop, genloop CMD) and what is wrong."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{prog}: error: {message}; see {prog} --help")
+        self.prog, self.message = prog, message
+
+
 class _OneLineErrors(argparse.ArgumentParser):
-    """argparse, with a bad flag reported in one line (argparse prints its usage block
-    first); sub-command parsers inherit it."""
+    """argparse, raising ArgumentError where argparse would print its usage block and exit;
+    sub-command parsers inherit it."""
 
     def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+        raise ArgumentError(self.prog, message)
+
+
+def parse_command(argv: list[str] | None) -> argparse.Namespace:
+    """genloop's command line, parsed; parsing runs nothing (`--help` prints and exits).
+    Overrides may come before, between or after the options (`run --config X a=1 --run-dir
+    Y b=2`): argparse leaves the later ones over, and they join the first ones here.
+
+    Raises:
+        ArgumentError: an unknown command or flag, a bad value, a missing argument.
+    """
+    args, extra = _parser().parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and not hasattr(args, "overrides")):
+        prog = f"genloop {args.command}" if getattr(args, "command", None) else "genloop"
+        raise ArgumentError(prog, f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def _parser() -> argparse.ArgumentParser:

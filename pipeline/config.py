@@ -53,6 +53,11 @@ class TaskConfig:
     continuation_chars: int = 96  # length of one synthetic continuation
     synthetic_chars: int = 200_000  # synthetic text made per generation
 
+    @property
+    def checks_answers(self) -> bool:
+        """Whether the task's responses are checked (accuracy, filters, labels)."""
+        return self.name == "arithmetic" or (self.name == "pairs" and self.verifier != "none")
+
 
 @dataclass
 class ModelConfig:
@@ -555,11 +560,8 @@ def validate(c: RunConfig) -> list[str]:
         errors.extend(_deepspeed_file_errors(ds))
 
     need(c.guard.tolerance >= 0, f"guard.tolerance: must be >= 0, got {c.guard.tolerance}")
-    checks_answers = c.task.name == "arithmetic" or (
-        c.task.name == "pairs" and c.task.verifier != "none"
-    )
     need(
-        c.guard.metric != "accuracy" or checks_answers,
+        c.guard.metric != "accuracy" or c.task.checks_answers,
         f"guard.metric: accuracy needs a task that checks answers (arithmetic, or pairs with "
         f"a task.verifier), not task.name={c.task.name}"
         + (" task.verifier=none" if c.task.name == "pairs" else "")

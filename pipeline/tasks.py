@@ -115,7 +115,7 @@ def _arithmetic_task(cfg: TaskConfig, seed: int) -> Task:
 
     return Task(
         name="arithmetic",
-        verifiable=True,
+        verifiable=cfg.checks_answers,
         max_new_tokens=cfg.digits + 1,
         add_eos=True,
         train_on_prompt=True,
@@ -160,7 +160,7 @@ def _text_task(cfg: TaskConfig, seed: int) -> Task:
     real_text = "".join(train_blocks)
     return Task(
         name="text",
-        verifiable=False,
+        verifiable=cfg.checks_answers,
         max_new_tokens=cfg.continuation_chars,
         add_eos=False,
         train_on_prompt=False,
@@ -223,7 +223,7 @@ def _pairs_task(cfg: TaskConfig, seed: int) -> Task:
     n_valid = min(cfg.validation_prompts, len(heldout))
     return Task(
         name="pairs",
-        verifiable=cfg.verifier != "none",
+        verifiable=cfg.checks_answers,
         max_new_tokens=max(1, longest),
         add_eos=True,
         train_on_prompt=True,

@@ -33,8 +33,9 @@ def generation_backend(backend: str, use_gpu: bool, model_dir: str) -> str:
     and the model is a directory on a filesystem (an engine loads it by path)."""
     if backend != "auto":
         return backend
-    local = "://" not in model_dir
-    return "vllm" if use_gpu and local and vllm_installed() else "hf"
+    from pipeline.storage import is_uri
+
+    return "vllm" if use_gpu and not is_uri(model_dir) and vllm_installed() else "hf"
 
 
 def sample_requests(
@@ -117,8 +118,9 @@ def generate_with_vllm(
 
     from pipeline.config import ConfigError
     from pipeline.model import context_length, decode_until_eos
+    from pipeline.storage import is_uri
 
-    if "://" in model_dir:
+    if is_uri(model_dir):
         raise ConfigError(
             [
                 f"generate.backend: vllm loads the model by path, not from {model_dir}; put "
