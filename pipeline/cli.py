@@ -272,6 +272,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"loop.generations={cfg.loop.generations}: a resumed run may only grow; this "
                 f"one has loop.generations={planned}"
             )
+        from pipeline.loop import check_finished_stages
+
+        check_finished_stages(run_dir)
     else:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.task.name}")

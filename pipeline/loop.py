@@ -4,7 +4,9 @@
     generation g:  generate -> score -> curate [-> select] -> mix -> train -> evaluate [-> guard]
 
 Every stage writes its artefacts atomically into `RUN_DIR/gen_XX/` and then a completion
-marker (`gen_XX/.done/<stage>`); a resumed run loads finished stages instead of redoing them.
+marker (`gen_XX/.done/<stage>`, which records the size of each file the stage wrote); a resumed
+run loads finished stages instead of redoing them, once it has checked that their files are
+still there.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import pandas as pd
 
 from pipeline.config import RunConfig, dump_yaml
 from pipeline.curate import curate
-from pipeline.data import atomic_dir, write_json, write_parquet, write_text
+from pipeline.data import DataError, atomic_dir, write_json, write_parquet, write_text
 from pipeline.metrics import collapse_signals, perplexity
 from pipeline.mix import composition, mix
 from pipeline.storage import RemoteRun, is_uri, localize
@@ -32,6 +34,14 @@ from selection.selectors import required_features
 # Random streams, so that every stage's randomness is fixed by (seed, stream, generation),
 # whatever ran before it: a resumed stage draws exactly what the first attempt drew.
 _CURATE_STREAM, _MIX_STREAM, _EMBED_STREAM, _GENERATE_STREAM, _EVAL_STREAM = 11, 12, 13, 14, 15
+
+# What the evaluate stage writes (gen_XX/mix_embeddings.parquet is a cache, made again if gone).
+EVALUATE_OUTPUTS = (
+    "eval.parquet",
+    "metrics.json",
+    "diagnostics.parquet",
+    "diagnostics_vs_gen0.parquet",
+)
 
 
 @dataclass
@@ -64,10 +74,45 @@ class Generation:
     def done(self, stage: str) -> bool:
         return (self.dir / ".done" / stage).exists()
 
-    def mark(self, stage: str) -> None:
-        write_text(f"{time.time()}\n", self.dir / ".done" / stage)
+    def mark(self, stage: str, outputs: Iterable[str] = ()) -> None:
+        """Mark `stage` finished, recording the size of each file of its `outputs` (names in
+        this generation's directory; a directory counts file by file) that exists."""
+        files = {}
+        for name in outputs:
+            path = self.path(name)
+            found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for file in found:
+                if file.is_file():
+                    files[file.relative_to(self.dir).as_posix()] = file.stat().st_size
+        write_json({"finished": time.time(), "outputs": files}, self.dir / ".done" / stage)
         if self.remote is not None:
             self.remote.push()
+
+    def check_finished(self, stage: str) -> None:
+        """A finished `stage` must still have every file its marker recorded, at the recorded
+        size (markers of runs before genloop recorded files have nothing to check).
+
+        Raises:
+            DataError: naming the first file that is missing or changed.
+        """
+        marker = self.dir / ".done" / stage
+        try:
+            recorded = json.loads(marker.read_text())["outputs"]
+        except (ValueError, TypeError, KeyError, OSError):
+            return
+        for name, size in recorded.items():
+            path = self.dir / name
+            if not path.is_file():
+                problem = "missing"
+            elif path.stat().st_size != size:
+                problem = f"{path.stat().st_size:,} bytes, not the {size:,} it was written with"
+            else:
+                continue
+            raise DataError(
+                f"{path}: {problem}, yet {marker.relative_to(self.root)} says the {stage} "
+                f"stage finished; restore the file, or delete {self.dir} and the generations "
+                "after it to redo them"
+            )
 
     def ref(self, name: str | None = None) -> str:
         """How Ray workers find an artefact of this generation (or, without a name, the
@@ -75,6 +120,22 @@ class Generation:
         nodes cannot see the driver's mirror)."""
         path = self.dir if name is None else self.path(name)
         return self.remote.uri_of(path) if self.remote is not None else str(path)
+
+
+def check_finished_stages(run_dir: Path) -> None:
+    """Every finished stage of every generation in `run_dir` still has its files (see
+    `Generation.check_finished`); `genloop run --resume` checks this before Ray starts.
+
+    Raises:
+        DataError: naming the first file that is missing or changed.
+    """
+    for directory in sorted(run_dir.glob("gen_*")):
+        index = directory.name.removeprefix("gen_")
+        gen = Generation(run_dir, int(index)) if index.isdigit() else None
+        if gen is None or gen.dir != directory or not (directory / ".done").is_dir():
+            continue
+        for marker in sorted((directory / ".done").iterdir()):
+            gen.check_finished(marker.name)
 
 
 def run_loop(
@@ -184,6 +245,7 @@ def run_generation(
             lambda: _seed_mix(task, gen),
             load=lambda: _read_mix(gen),
             describe=_describe_mix,
+            outputs=("mix.parquet",),
         )
     else:
         curate_samples_stage(cfg, task, gen, model, progress)
@@ -195,6 +257,7 @@ def run_generation(
                 lambda: select_stage(cfg, task, gen, model),
                 load=lambda: json.loads(gen.path("selection.json").read_text()),
                 describe=_describe_selection,
+                outputs=("selection.json", "selected.parquet", "selected_real.parquet"),
             )
     init = base if (gen.index == 0 or cfg.train.init_from == "base") else model
     while True:
@@ -213,6 +276,7 @@ def run_generation(
                 lambda: mix_stage(cfg, task, gen, mix_cfg),
                 load=lambda: _read_mix(gen),
                 describe=_describe_mix,
+                outputs=("mix.parquet",),
             )
         new_model = _stage(
             gen,
@@ -221,6 +285,7 @@ def run_generation(
             lambda: train_stage(cfg, task, gen, init, _read_mix(gen)),
             load=lambda: gen.ref("model"),
             describe=_describe_train(gen),
+            outputs=("model", "train.json"),
         )
         metrics = _stage(
             gen,
@@ -229,6 +294,7 @@ def run_generation(
             lambda: evaluate_stage(cfg, task, gen, new_model, previous, attempt),
             load=lambda: json.loads(gen.path("metrics.json").read_text()),
             describe=_describe_eval,
+            outputs=EVALUATE_OUTPUTS,
         )
         verdict = metrics.get("guard", {})
         if not verdict.get("worse"):
@@ -363,6 +429,7 @@ def curate_samples_stage(
         generate_samples,
         load=lambda: pd.read_parquet(gen.path("samples.parquet")),
         describe=lambda s: f"{len(s):,} samples for {len(pool):,} prompts",
+        outputs=("samples.parquet",),
     )
 
     def score_samples() -> pd.DataFrame:
@@ -396,6 +463,7 @@ def curate_samples_stage(
             f"mean loss {s['loss'].mean():.3f}"
             + (f", {s['correct'].mean():.1%} correct" if task.verifiable else "")
         ),
+        outputs=("scored.parquet",),
     )
 
     def curate_samples() -> dict:
@@ -433,6 +501,7 @@ def curate_samples_stage(
             f"kept {s['kept']:,}/{s['samples']:,}, "
             f"labels {s['labels_spent']:,} ({s['hard_prompts']:,} hard prompts)"
         ),
+        outputs=("curated_samples.parquet", "labels.parquet", "curated.parquet", "curate.json"),
     )
 
 
@@ -862,15 +931,18 @@ def _stage(
     *,
     load: Callable,
     describe: Callable,
+    outputs: tuple[str, ...],
 ):
-    """Run `compute` unless the stage's marker says it finished before; then mark it done."""
+    """Run `compute` unless the stage's marker says it finished before (and its `outputs`,
+    the files it writes, are still there); then mark it done."""
     if gen.done(name):
+        gen.check_finished(name)
         result = load()
         progress.stage(gen.index, name, describe(result), None)
         return result
     started = time.perf_counter()
     result = compute()
-    gen.mark(name)
+    gen.mark(name, outputs)
     progress.stage(gen.index, name, describe(result), time.perf_counter() - started)
     return result
 

@@ -246,3 +246,25 @@ def test_a_gpu_run_without_a_gpu_is_refused_before_the_local_ray_starts(capsys, 
         "CUDA device); give ray.address= of a cluster with GPUs\n"
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_resume_refuses_a_finished_stage_whose_files_are_gone(capsys, tmp_path):
+    """It used to load the marked stage and fail with a traceback, after Ray had started."""
+    import ray
+
+    from pipeline.config import dump_yaml, load_config
+    from pipeline.loop import Generation
+
+    (tmp_path / "config.yaml").write_text(dump_yaml(load_config()))
+    gen = Generation(tmp_path, 1)
+    gen.dir.mkdir()
+    gen.path("scored.parquet").write_bytes(b"PAR1")
+    gen.mark("score", ("scored.parquet",))
+    gen.path("scored.parquet").unlink()
+    code, out = _run(capsys, "run", "--resume", "--run-dir", str(tmp_path))
+    assert code == 2 and out.err == (
+        f"genloop: error: {gen.dir}/scored.parquet: missing, yet gen_01/.done/score says the "
+        f"score stage finished; restore the file, or delete {gen.dir} and the generations after "
+        "it to redo them\n"
+    )
+    assert not ray.is_initialized()

@@ -84,6 +84,12 @@ def test_two_generations_then_resume_for_a_third(tmp_path, capsys, monkeypatch):
     after = _markers(run_dir)
     assert {k: after[k] for k in before} == before  # nothing finished was redone
     assert pd.read_csv(run_dir / "metrics.csv")["generation"].tolist() == [0, 1, 2, 3]
+    # Each marker records the files its stage wrote; a resume refuses a run that lost one.
+    trained = json.loads((run_dir / "gen_03" / ".done" / "train").read_text())["outputs"]
+    assert {"train.json", "model/model.safetensors", "model/config.json"} <= set(trained)
+    (run_dir / "gen_01" / "curated.parquet").unlink()
+    assert main(["run", "--run-dir", "run", "--resume"]) == 2
+    assert "gen_01/curated.parquet: missing, yet gen_01/.done/curate" in capsys.readouterr().err
 
 
 PAIRS = [
