@@ -161,14 +161,6 @@ def cmd_select(args: argparse.Namespace, echo: Callable[[str], None] | None = No
             f"{', '.join(map(str, original.columns))}"
         )
     needed = required_features(method)
-    if needed & {"trajectories", "losses"} and options.model is None:
-        per_worker = options.train.batch_size // options.train.workers
-        if len(frame) < per_worker:
-            raise UsageError(
-                f"{len(frame)} rows are fewer than one proxy training batch per worker "
-                f"(train.batch_size={options.train.batch_size} over {options.train.workers} "
-                "workers); lower train.batch_size"
-            )
     echo(
         f"genloop select: {method} on {args.data}: {len(frame):,} rows in, "
         f"budget {args.budget} = {n_out:,} rows"

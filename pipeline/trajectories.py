@@ -180,7 +180,7 @@ def loss_trajectories(
         (N, T) float32 losses; NaN for a row without response tokens (an empty response).
 
     Raises:
-        ValueError: fewer rows than one training batch per worker, or T / steps < 1.
+        ValueError: no rows, or T / steps < 1.
     """
     from pipeline.inference import kept_workers, worker_env
     from pipeline.train import TrainJob, kept_trainer, train_generation
@@ -189,17 +189,17 @@ def loss_trajectories(
         raise ValueError(
             f"checkpoints and steps must be >= 1; got {checkpoints} and {steps_per_checkpoint}"
         )
-    per_worker = train_cfg.batch_size // max(1, train_cfg.workers)
-    if len(frame) < per_worker:
-        raise ValueError(
-            f"{len(frame)} rows are fewer than one proxy training batch per worker "
-            f"(train.batch_size={train_cfg.batch_size} over {train_cfg.workers} workers); "
-            "lower train.batch_size"
-        )
+    if len(frame) == 0:
+        raise ValueError("no rows to train the proxy on")
     echo = echo or (lambda _line: None)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     frame = frame[["prompt", "response"]].reset_index(drop=True)
+    # Fewer rows than one global batch (a filter that kept a handful): the proxy trains on
+    # copies of them, as a generation's training does, so every worker gets whole batches;
+    # each row is still scored once.
+    copies = -(-train_cfg.batch_size // len(frame))
+    training_rows = pd.concat([frame] * copies, ignore_index=True) if copies > 1 else frame
     init, length = prepare_proxy(
         frame,
         proxy_model,
@@ -241,7 +241,7 @@ def loss_trajectories(
             model = str(Path(segment) / "model")
             state = train_generation(
                 job,
-                frame,
+                training_rows,
                 str(segment),
                 cfg,
                 env if env is not None else worker_env(),

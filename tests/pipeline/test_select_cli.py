@@ -237,3 +237,19 @@ def test_s2l_with_a_tiny_proxy(ray_local, gsm8k_100, tmp_path, capsys):
     np.testing.assert_allclose(trajectories["loss_ckpt_01"], expected, rtol=1e-4)
     printed = capsys.readouterr().out
     assert "checkpoint 2/2: step 40" in printed and "clusters: 4" in printed
+
+
+@pytest.mark.slow
+def test_s2l_on_fewer_rows_than_a_proxy_batch(ray_local, tmp_path, capsys):
+    """6 rows against a proxy batch of 16 over 2 workers: the proxy trains on copies of them
+    (it used to fail after the retries: each worker's shard was smaller than its batch)."""
+    data = _write_jsonl(
+        tmp_path / "six.jsonl", [{"prompt": f"{i}+{i}=", "response": str(2 * i)} for i in range(6)]
+    )
+    out = tmp_path / "s2l.jsonl"
+    options = ["n_clusters=2", "checkpoints=1", "steps=2", "train.workers=2", "train.batch_size=16"]
+    assert _select(data, out, "s2l", "3", *options, "proxy.n_layer=1", "proxy.n_embd=32") == 0
+    assert len(_read_jsonl(out)) == 3
+    trajectories = pd.read_parquet(tmp_path / "s2l.select" / "trajectories.parquet")
+    assert len(trajectories) == 6 and np.isfinite(trajectories["loss_ckpt_00"]).all()
+    assert "checkpoint 1/1: step 2" in capsys.readouterr().out
