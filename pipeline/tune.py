@@ -721,9 +721,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
         )
         runs_dir = str(check_output(args.runs_dir or default_runs, "--runs-dir").resolve())
         gen0_dir = str(Path(runs_dir) / "generation_0") if search.shares_generation_zero else None
+    from pipeline.data import DataError
     from pipeline.tasks import make_task
 
-    task = make_task(search.base.task, search.base.seed)  # bad data costs a second, not a trial
+    # Bad data costs a second here, not a failed trial: the base's task, and each task the
+    # space can make (every file a `task.path` grid or choice names, say).
+    task = make_task(search.base.task, search.base.seed)
+    for param in search.space.values():
+        for value in param.probes() if param.key.startswith("task.") else ():
+            try:
+                make_task(resolve_config(search.base, {param.key: value}).task, search.base.seed)
+            except DataError as e:
+                which = param.key if str(value) in str(e) else f"{param.key}={value}"
+                raise DataError(f"tune.space: {which}: {e}") from None
     if "accuracy" in search.metrics and not task.verifiable:
         raise UsageError(
             f"task {search.base.task.name!r} has no accuracy; use tune.metric: perplexity"

@@ -596,3 +596,31 @@ def test_resuming_a_finished_search_reruns_nothing(tiny_experiment):
     assert "[trial " not in out.getvalue()  # no trial reported again
     assert _markers(experiment / "runs") == markers and _reports(experiment) == reports
     pd.testing.assert_frame_equal(pd.read_csv(experiment / "results.csv"), results)
+
+
+def test_each_task_file_of_the_space_is_read_before_any_trial(tmp_path, capsys):
+    """A missing file in a task.path grid used to fail its trial after Ray had started."""
+    import ray
+
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 500)
+    missing = tmp_path / "nosuch.txt"
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(ROOT / "ray_configs" / "text.yaml"),
+                "task": {"path": str(text)},
+                "tune": {
+                    "metric": "perplexity",
+                    "space": {"task.path": {"grid": [str(text), str(missing)]}},
+                },
+            }
+        )
+    )
+    out = tmp_path / "experiment"
+    assert main(["tune", "--config", str(preset), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"genloop: error: tune.space: task.path: {missing}: file not found\n"
+    )
+    assert not ray.is_initialized() and not out.exists()
