@@ -853,6 +853,20 @@ def run_search(
         failed = [(str(e).strip().splitlines() or [type(e).__name__])[-1] for e in grid.errors]
     finally:
         ray.shutdown()
+    return conclude(search, experiment, results, owed, failed, started)
+
+
+def conclude(
+    search: Search,
+    experiment: str,
+    results: pd.DataFrame,
+    owed: int,
+    failed: list[str],
+    started: float,
+) -> int:
+    """Write the outputs and the summary of a search; the exit status: 1 when no trial
+    reported or a trial failed (`failed`: each failed trial's last error line), else 0."""
+    say = _echo
     failures = (
         f"{len(failed)} trial(s) failed, the first with: {failed[0]}; "
         f"--resume {experiment} runs them again"

@@ -4,6 +4,7 @@ and a tiny search (3 trials, 2 generations, ASHA) on a real local Ray, then its 
 import contextlib
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -376,6 +377,24 @@ def test_outputs_table_best_config_and_frontier(tmp_path):
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     summary = summary_text(results, search)
     assert summary.splitlines()[4].startswith("| t3 |")  # best first: 0.60 at generation 1
+
+
+def test_a_search_with_a_failed_trial_exits_1_naming_the_error(tmp_path, capsys):
+    """It used to print "finished" and exit 0."""
+    from pipeline.tune import conclude
+
+    search, experiment = _search(), str(tmp_path)
+    assert conclude(search, experiment, _results(), 0, [], time.perf_counter()) == 0
+    assert "genloop tune: finished in" in capsys.readouterr().out
+    failed = ["pipeline.data.DataError: /data/b.jsonl: file not found", "ValueError: x"]
+    assert conclude(search, experiment, _results(), 0, failed, time.perf_counter()) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "genloop tune: 2 trial(s) failed, the first with: pipeline.data.DataError: "
+        f"/data/b.jsonl: file not found; --resume {experiment} runs them again"
+    )
+    assert (tmp_path / "results.csv").exists()  # the trials that finished are still reported
+    assert conclude(search, experiment, _results().iloc[:0], 2, failed[:1], 0.0) == 1
+    assert "no trial reported a generation; 2 trial(s) still to run" in capsys.readouterr().out
 
 
 def test_multi_objective_outputs_pick_from_the_pareto_front(tmp_path):
