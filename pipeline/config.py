@@ -458,6 +458,8 @@ def validate(c: RunConfig) -> list[str]:
         f"model.n_embd ({m.n_embd}) must be a multiple of model.n_head ({m.n_head})",
     )
 
+    # A sequence holds at least the start token and one token to learn or generate.
+    need(m.max_length != 1, "model.max_length: at least 2 (the start token and one more), got 1")
     if t.name == "arithmetic":
         # start token, "aaa+bbb=", the sum's digits (one more than an operand's), end token
         example = 1 + (2 * t.digits + 2) + (t.digits + 1) + 1

@@ -133,13 +133,14 @@ def _arithmetic_task(cfg: TaskConfig, seed: int) -> Task:
 
 def _text_task(cfg: TaskConfig, seed: int) -> Task:
     text = read_text(cfg.path, cfg.fields)
-    min_chars = 20 * (cfg.block_chars + 1)
+    # 100 contiguous blocks; every 10th is held out, so held-out text is spread over the
+    # corpus. Each block must hold one example of task.block_chars.
+    min_chars = 100 * cfg.block_chars
     if len(text) < min_chars:
         raise DataError(
-            f"{cfg.path}: {len(text)} characters; the text task needs at least "
-            f"{min_chars} (20 blocks of task.block_chars)"
+            f"{cfg.path}: {len(text):,} characters; the text task needs at least {min_chars:,} "
+            "(100 blocks of task.block_chars, every 10th held out); lower task.block_chars"
         )
-    # 100 contiguous blocks; every 10th is held out, so held-out text is spread over the corpus.
     blocks = np.array_split(np.arange(len(text)), 100)
     train_blocks = [text[b[0] : b[-1] + 1] for i, b in enumerate(blocks) if i % 10 != 9]
     heldout_blocks = [text[b[0] : b[-1] + 1] for i, b in enumerate(blocks) if i % 10 == 9]
@@ -148,7 +149,7 @@ def _text_task(cfg: TaskConfig, seed: int) -> Task:
     rng = np.random.default_rng([seed, _SEED_STREAM])
     real_chunks = _spread_chunks(train_blocks, cfg.real_chars, cfg.block_chars, rng)
     heldout_chunks = [c for b in heldout_blocks for c in _chunks(b, cfg.block_chars)]
-    if not heldout_chunks:  # only a short task.heldout_path leaves none
+    if not heldout_chunks:  # a task.heldout_path shorter than one block
         raise DataError(
             f"{cfg.heldout_path}: {len(heldout_blocks[0])} characters; held-out text needs at "
             f"least one block of task.block_chars ({cfg.block_chars})"
@@ -158,6 +159,12 @@ def _text_task(cfg: TaskConfig, seed: int) -> Task:
         pick = np.sort(heldout_rng.choice(len(heldout_chunks), cfg.heldout_limit, replace=False))
         heldout_chunks = [heldout_chunks[i] for i in pick]
     real_text = "".join(train_blocks)
+    span = cfg.prompt_chars + cfg.continuation_chars
+    if len(real_text) <= span:
+        raise DataError(
+            f"{cfg.path}: {len(real_text):,} characters of training text, too few for one "
+            f"prompt: task.prompt_chars + task.continuation_chars is {span:,}"
+        )
     return Task(
         name="text",
         verifiable=cfg.checks_answers,

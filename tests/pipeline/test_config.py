@@ -167,3 +167,12 @@ def test_the_arithmetic_task_refuses_held_out_files_and_a_context_too_short_for_
         "model.max_length: an arithmetic example with task.digits=3 is 14 tokens; got 4",
     ]
     assert load_config(None, ["model.max_length=14"]).model.max_length == 14
+
+
+def test_a_model_of_one_position_is_refused():
+    """model.max_length=1 trained on nothing (loss nan) and then failed in generation."""
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["model.max_length=1", "task.name=text", "task.path=x.txt"])
+    assert error.value.errors == [
+        "model.max_length: at least 2 (the start token and one more), got 1"
+    ]

@@ -50,11 +50,33 @@ def test_text_task_on_shakespeare(shakespeare):
     assert task.heldout["response"].iloc[0] not in task.real_text
 
 
-def test_text_task_refuses_a_tiny_file(tmp_path):
+def test_text_task_refuses_a_file_too_short_for_its_blocks(tmp_path):
+    """3,000 characters passed the old check (20 blocks) and then held out no block at all,
+    reported as "None: 30 characters"."""
     path = tmp_path / "t.txt"
-    path.write_text("to be or not to be\n")
-    with pytest.raises(DataError, match="at least"):
+    path.write_text("to be or not to be\n" * 158)
+    with pytest.raises(DataError) as error:
         make_task(TaskConfig(name="text", path=str(path)), 0)
+    assert str(error.value) == (
+        f"{path}: 3,002 characters; the text task needs at least 12,800 (100 blocks of "
+        "task.block_chars, every 10th held out); lower task.block_chars"
+    )
+    assert len(make_task(TaskConfig(name="text", path=str(path), block_chars=30), 0).heldout)
+
+
+def test_text_task_refuses_prompts_longer_than_its_training_text(tmp_path):
+    """It used to fail in generation 1 with numpy's "high <= 0"."""
+    path = tmp_path / "t.txt"
+    path.write_text("to be or not to be\n" * 158)
+    cfg = TaskConfig(
+        name="text", path=str(path), block_chars=8, prompt_chars=2000, continuation_chars=1000
+    )
+    with pytest.raises(DataError) as error:
+        make_task(cfg, 0)
+    assert str(error.value) == (
+        f"{path}: 2,702 characters of training text, too few for one prompt: "
+        "task.prompt_chars + task.continuation_chars is 3,000"
+    )
 
 
 def test_text_task_refuses_held_out_text_shorter_than_a_block(tmp_path, shakespeare):
