@@ -651,6 +651,7 @@ def train_stage(
         job.validation_prompts = task.validation["prompt"].tolist()
         job.validation_answers = task.validation["response"].tolist()
         job.target_accuracy = cfg.loop.gen0_target_accuracy
+        job.answer_check = task.answer_check
         job.eval_every = cfg.loop.gen0_eval_every
     # Training checkpoints go to gen_XX/train, at the run's URI for a remote run.
     with atomic_dir(gen.path("model")) as tmp:

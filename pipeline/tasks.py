@@ -60,21 +60,16 @@ class Task:
             }
         )
 
+    @property
+    def answer_check(self) -> str:
+        """How `verify` compares an answer with its reference (see `answers_match`)."""
+        return self.cfg.verifier if self.name == "pairs" else "exact"
+
     def verify(self, responses: list[str], references: list[str]) -> np.ndarray:
         """Bool per response: does it match the reference answer?"""
         if not self.verifiable:
             return np.zeros(len(responses), dtype=bool)
-        if self.cfg.verifier == "final-number" and self.name == "pairs":
-            return np.array(
-                [
-                    _final_number(r) is not None and _final_number(r) == _final_number(ref)
-                    for r, ref in zip(responses, references)
-                ],
-                dtype=bool,
-            )
-        return np.array(
-            [r.strip() == ref.strip() for r, ref in zip(responses, references)], dtype=bool
-        )
+        return answers_match(responses, references, self.answer_check)
 
     def synthetic_example(self, prompts: pd.Series, responses: pd.Series) -> pd.DataFrame:
         """Training rows made from generated responses."""
@@ -244,6 +239,20 @@ def _pairs_task(cfg: TaskConfig, seed: int) -> Task:
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def answers_match(responses: list[str], references: list[str], check: str) -> np.ndarray:
+    """Bool per response: `final-number` compares the final numbers (GSM8K's '#### 42'),
+    `exact` the text without surrounding whitespace."""
+    if check == "final-number":
+        return np.array(
+            [
+                _final_number(r) is not None and _final_number(r) == _final_number(ref)
+                for r, ref in zip(responses, references)
+            ],
+            dtype=bool,
+        )
+    return np.array([r.strip() == ref.strip() for r, ref in zip(responses, references)], dtype=bool)
 
 
 def _final_number(text: str) -> str | None:

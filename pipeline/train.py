@@ -55,6 +55,7 @@ class TrainJob:
     validation_prompts: list[str] = field(default_factory=list)
     validation_answers: list[str] = field(default_factory=list)
     target_accuracy: float | None = None
+    answer_check: str = "exact"  # how an answer is compared (pipeline.tasks.answers_match)
     eval_every: int = 100
     max_new_tokens: int = 8
     # Consume the rows in the order of their `position` column, one batch after another,
@@ -718,8 +719,10 @@ def _accuracy(module, tokenizer, job: TrainJob, zero3: bool, generate) -> float:
         synced_gpus=zero3,
     )
     module.train()
-    correct = sum(a.strip() == b.strip() for a, b in zip(answers, job.validation_answers))
-    return correct / max(1, len(answers))
+    from pipeline.tasks import answers_match
+
+    correct = answers_match(answers, job.validation_answers, job.answer_check).sum()
+    return float(correct) / max(1, len(answers))
 
 
 def _report(

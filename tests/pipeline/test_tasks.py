@@ -108,6 +108,17 @@ def test_pairs_task_loads_gsm8k_with_a_field_mapping(gsm8k):
         [f"so the answer is #### {final}", "#### -1"], [reference, reference]
     ).tolist() == [True, False]
     assert len(task.prompt_pool(1)) == 20
+    # Generation 0's early stop checks its validation answers the same way (it used to
+    # compare whole GSM8K solutions as text, so it almost never stopped).
+    assert task.answer_check == "final-number"
+
+
+def test_answers_match_by_final_number_or_exact_text():
+    from pipeline.tasks import answers_match
+
+    responses, references = ["so #### 1,234", " 1234 ", "#### 5"], ["#### 1234"] * 3
+    assert answers_match(responses, references, "final-number").tolist() == [True, True, False]
+    assert answers_match(responses, ["1234"] * 3, "exact").tolist() == [False, True, False]
 
 
 def test_pairs_numbers_with_commas():
