@@ -247,6 +247,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     return config
 
 
+def yaml_error_line(error: Exception) -> str:
+    """ " at line N" where a YAML parser says the problem is, else ""."""
+    mark = getattr(error, "problem_mark", None)
+    return f" at line {mark.line + 1}" if mark is not None else ""
+
+
 def read_yaml_mapping(path: Path, what: str = "file") -> dict[str, Any]:
     """The mapping at the top of a YAML file (empty file: {}).
 
@@ -266,9 +272,9 @@ def read_yaml_mapping(path: Path, what: str = "file") -> dict[str, Any]:
     except OSError as e:
         raise ConfigError([f"{path}: cannot read it ({e.strerror})"]) from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError([f"{path}: not valid YAML{where} ({e.__class__.__name__})"]) from None
+        raise ConfigError(
+            [f"{path}: not valid YAML{yaml_error_line(e)} ({e.__class__.__name__})"]
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of sections"])
     return raw

@@ -180,8 +180,9 @@ def _reason(error: Exception) -> str:
     if isinstance(error, UnexpectedContent):
         return str(error)
     if isinstance(error, yaml.YAMLError):
-        mark = getattr(error, "problem_mark", None)
-        return "not valid YAML" + (f" at line {mark.line + 1}" if mark is not None else "")
+        from pipeline.config import yaml_error_line
+
+        return f"not valid YAML{yaml_error_line(error)}"
     if isinstance(error, UnicodeDecodeError):
         return f"not UTF-8 text at byte {error.start}"
     lines = str(error).strip().splitlines()

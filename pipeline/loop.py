@@ -80,8 +80,7 @@ class Generation:
         files = {}
         for name in outputs:
             path = self.path(name)
-            found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-            for file in found:
+            for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
                 if file.is_file():
                     files[file.relative_to(self.dir).as_posix()] = file.stat().st_size
         write_json({"finished": time.time(), "outputs": files}, self.dir / ".done" / stage)
@@ -102,12 +101,12 @@ class Generation:
             return
         for name, size in recorded.items():
             path = self.dir / name
-            if not path.is_file():
-                problem = "missing"
-            elif path.stat().st_size != size:
-                problem = f"{path.stat().st_size:,} bytes, not the {size:,} it was written with"
-            else:
+            now = path.stat().st_size if path.is_file() else None
+            if now == size:
                 continue
+            problem = (
+                "missing" if now is None else f"{now:,} bytes, not the {size:,} it was written with"
+            )
             raise DataError(
                 f"{path}: {problem}, yet {marker.relative_to(self.root)} says the {stage} "
                 f"stage finished; restore the file, or delete {self.dir} and the generations "

@@ -245,13 +245,8 @@ def answers_match(responses: list[str], references: list[str], check: str) -> np
     """Bool per response: `final-number` compares the final numbers (GSM8K's '#### 42'),
     `exact` the text without surrounding whitespace."""
     if check == "final-number":
-        return np.array(
-            [
-                _final_number(r) is not None and _final_number(r) == _final_number(ref)
-                for r, ref in zip(responses, references)
-            ],
-            dtype=bool,
-        )
+        pairs = ((_final_number(r), _final_number(ref)) for r, ref in zip(responses, references))
+        return np.array([a is not None and a == b for a, b in pairs], dtype=bool)
     return np.array([r.strip() == ref.strip() for r, ref in zip(responses, references)], dtype=bool)
 
 
