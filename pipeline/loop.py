@@ -626,10 +626,15 @@ def train_stage(
     from pipeline.train import TrainJob, train_generation
 
     if len(training_set) == 0:
-        # Curation kept nothing and no real data is mixed in: the model carries over.
+        # Curation or selection kept nothing and no real data is mixed in: the model carries
+        # over, and the log line says why (a run of such generations looks stable, untrained).
         with atomic_dir(gen.path("model")) as tmp:
             shutil.copytree(localize(init_model), tmp, dirs_exist_ok=True)
-        write_json({"steps": 0, "skipped": "empty training set"}, gen.path("train.json"))
+        reason = (
+            "empty training set: no curated sample reached the mix, and mix.real_fraction "
+            "added no real rows; the previous model carries over"
+        )
+        write_json({"steps": 0, "skipped": reason}, gen.path("train.json"))
         return gen.ref("model")
     if len(training_set) < cfg.train.batch_size:
         # Fewer rows than one global batch (a filter that kept a handful): repeat them, so

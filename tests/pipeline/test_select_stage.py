@@ -1,6 +1,7 @@
 """The loop's select stage on the synthetic pool, the real pool, or both (random: no Ray)."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -63,3 +64,20 @@ def test_an_unknown_pool_is_a_config_error():
 
     with pytest.raises(ConfigError, match="select.pool"):
         load_config(None, ["select.pool=everything"])
+
+
+def test_an_empty_mix_carries_the_model_over_and_says_why(tmp_path, tiny_model_dir):
+    from pipeline.loop import _describe_train, train_stage
+
+    cfg = load_config(None, ["mix.real_fraction=0"])
+    gen = Generation(tmp_path, 1)
+    empty = pd.DataFrame(columns=["prompt", "response", "source", "origin_generation"])
+    model = train_stage(cfg, task=None, gen=gen, init_model=tiny_model_dir, training_set=empty)
+    assert model == gen.ref("model")
+    assert sorted(p.name for p in gen.path("model").iterdir()) == sorted(
+        p.name for p in Path(tiny_model_dir).iterdir()
+    )
+    assert _describe_train(gen)(model) == (
+        "skipped: empty training set: no curated sample reached the mix, and "
+        "mix.real_fraction added no real rows; the previous model carries over"
+    )
