@@ -26,6 +26,7 @@ import yaml
 
 from pipeline.cli import UsageError, check_output
 from pipeline.data import DataError, atomic_path, read_records, read_text, write_json, write_parquet
+from pipeline.report import format_rows
 
 
 @dataclass
@@ -249,6 +250,8 @@ def format_diagnosis(diagnosis) -> str:
                 ("mean_delta", "mean delta", "{:+.4f}"),
                 ("share_of_increase", "share of increase", "{:.1%}"),
             ],
+            label_first=True,
+            indent="  ",
         )
     )
     if diagnosis.risers.empty:
@@ -269,29 +272,11 @@ def format_diagnosis(diagnosis) -> str:
                 ("delta", "delta", "{:+.4f}"),
                 ("delta_sum", "added", "{:+.3f}"),
             ],
+            label_first=True,
+            indent="  ",
         )
     )
     return "\n".join(lines)
-
-
-def format_rows(frame: pd.DataFrame, columns: list[tuple[str, str, str]]) -> str:
-    """Fixed-width text table: (column, heading, format) per column; NaN prints as '-'."""
-    cells = [[heading for _, heading, _ in columns]]
-    for _, row in frame.iterrows():
-        line = []
-        for key, _, fmt in columns:
-            value = row[key]
-            if isinstance(value, float) and np.isnan(value):
-                line.append("-")
-            else:
-                line.append(fmt.format(int(value) if "d}" in fmt else value))
-        cells.append(line)
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    return "\n".join(
-        "  "
-        + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        for r in cells
-    )
 
 
 def plot_categories(categories: pd.DataFrame, path: Path, title: str) -> None:

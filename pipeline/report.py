@@ -26,8 +26,20 @@ TABLE_COLUMNS = [
 def format_table(table: pd.DataFrame) -> str:
     """Fixed-width text table of the per-generation metrics (all-NaN columns left out)."""
     columns = [c for c in TABLE_COLUMNS if c[0] in table and not table[c[0]].isna().all()]
-    cells = [[head for _, head, _ in columns]]
-    for _, row in table.iterrows():
+    return format_rows(table, columns)
+
+
+def format_rows(
+    frame: pd.DataFrame,
+    columns: list[tuple[str, str, str]],
+    *,
+    label_first: bool = False,
+    indent: str = "",
+) -> str:
+    """Fixed-width text table: (column, heading, format) per column; NaN prints as '-'.
+    Numbers are right-aligned; with `label_first` the first column is a left-aligned label."""
+    cells = [[heading for _, heading, _ in columns]]
+    for _, row in frame.iterrows():
         line = []
         for key, _, fmt in columns:
             value = row[key]
@@ -37,7 +49,14 @@ def format_table(table: pd.DataFrame) -> str:
                 line.append(fmt.format(int(value) if "d}" in fmt else value))
         cells.append(line)
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)
+
+    def aligned(i: int, cell: str, width: int) -> str:
+        return cell.ljust(width) if label_first and i == 0 else cell.rjust(width)
+
+    return "\n".join(
+        indent + "  ".join(aligned(i, c, w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in cells
+    )
 
 
 def plot_metrics(table: pd.DataFrame, path: Path, title: str) -> None:

@@ -33,3 +33,19 @@ def test_perplexity_is_token_weighted():
     loss, ppl = perplexity(np.array([2.0, 1.0]), np.array([2, 1]))
     assert loss == pytest.approx(1.0) and ppl == pytest.approx(math.e)
     assert math.isnan(perplexity(np.array([0.0]), np.array([0]))[0])
+
+
+def test_text_tables_align_numbers_and_print_nan_as_a_dash():
+    import pandas as pd
+
+    from pipeline.report import format_rows, format_table
+
+    frame = pd.DataFrame({"name": ["a", "longer"], "n": [3.0, 1200.0], "x": [0.5, float("nan")]})
+    columns = [("name", "name", "{}"), ("n", "count", "{:,d}"), ("x", "x", "{:.2f}")]
+    assert format_rows(frame, columns, label_first=True, indent="  ").splitlines() == [
+        "  name    count     x",
+        "  a           3  0.50",
+        "  longer  1,200     -",
+    ]
+    table = pd.DataFrame({"generation": [0, 1], "accuracy": [0.25, 0.5], "perplexity": [None] * 2})
+    assert format_table(table).splitlines()[0].split() == ["gen", "accuracy"]
