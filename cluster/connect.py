@@ -61,7 +61,8 @@ def parse_address(text: str) -> Address:
     """Classify `text` (see the module docstring for the forms).
 
     Raises:
-        ClusterError: `text` is none of the forms, or its port is not a number.
+        ClusterError: `text` is none of the forms, or its port is not a number from 1 to
+            65535.
     """
     text = text.strip()
     if text in ("local", "auto"):
@@ -72,17 +73,24 @@ def parse_address(text: str) -> Address:
     kind = {"": "gcs", "ray": "client", "http": "dashboard", "https": "dashboard"}.get(
         scheme.lower()
     )
+    not_an_address = ClusterError(f"{text!r} is not a Ray address; expected {ADDRESS_FORMS}")
     if kind is None or not rest:
-        raise ClusterError(f"{text!r} is not a Ray address; expected {ADDRESS_FORMS}")
-    parts = urlsplit("//" + rest)
+        raise not_an_address
+    try:
+        parts = urlsplit("//" + rest)
+    except ValueError:  # e.g. an IPv6 bracket left open, "http://[::1"
+        raise not_an_address from None
     try:
         port = parts.port
-    except ValueError:
+    except ValueError as e:
+        problem = "out of range (1-65535)" if "out of range" in str(e) else "not a number"
+        raise ClusterError(f"{text!r}: the port is {problem}; expected {ADDRESS_FORMS}") from None
+    if port == 0:
         raise ClusterError(
-            f"{text!r}: the port is not a number; expected {ADDRESS_FORMS}"
-        ) from None
+            f"{text!r}: the port is out of range (1-65535); expected {ADDRESS_FORMS}"
+        )
     if not parts.hostname or (kind != "dashboard" and parts.path not in ("", "/")):
-        raise ClusterError(f"{text!r} is not a Ray address; expected {ADDRESS_FORMS}")
+        raise not_an_address
     if port is None:
         port = DEFAULT_PORTS[kind] if kind != "dashboard" else (443 if scheme == "https" else 80)
     return Address(kind, text, parts.hostname, port)
