@@ -31,9 +31,12 @@ class UsageError(ValueError):
 def parse_seeds(text: str) -> tuple[int, ...]:
     """`--seeds 0,1,2` as integers; UsageError for anything else."""
     try:
-        return tuple(int(s) for s in text.split(","))
+        seeds = tuple(int(s) for s in text.split(","))
     except ValueError:
         raise UsageError(f"--seeds {text!r}: expected integers like 0,1,2") from None
+    if len(set(seeds)) < len(seeds):
+        raise UsageError(f"--seeds {text!r}: each seed once")
+    return seeds
 
 
 def check_output(path: str | Path, flag: str, *, file: bool = False) -> Path:

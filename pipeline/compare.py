@@ -81,13 +81,21 @@ def variants(vary: list[str]) -> list[dict[str, str]]:
     """`["a=1,2", "b=x"]` -> [{"a": "1", "b": "x"}, {"a": "2", "b": "x"}]."""
     from pipeline.cli import UsageError
 
-    axes = []
+    axes: dict[str, list[str]] = {}
     for item in vary or ["curate.strategy=none,filter,filter+labels-uniform,filter+labels-hard"]:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
             raise UsageError(f"--vary {item!r}: expected KEY=V1,V2,..., e.g. curate.gamma=0.1,0.2")
-        axes.append([(key, value) for value in values.split(",")])
-    return [dict(combo) for combo in itertools.product(*axes)]
+        if key == "seed":
+            raise UsageError(f"--vary {item!r}: compare sets the seed; give --seeds {values}")
+        if key in axes:
+            raise UsageError(f"--vary {item!r}: {key} is varied twice; give all its values once")
+        listed = values.split(",")
+        if "" in listed or len(set(listed)) < len(listed):
+            raise UsageError(f"--vary {item!r}: every value once, none empty")
+        axes[key] = listed
+    combos = itertools.product(*([(key, v) for v in values] for key, values in axes.items()))
+    return [dict(combo) for combo in combos]
 
 
 def variant_name(assignment: dict[str, str]) -> str:
@@ -98,7 +106,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import ray
 
     from cluster.connect import connect
-    from pipeline.cli import make_output_dir, parse_seeds
+    from pipeline.cli import UsageError, make_output_dir, parse_seeds
     from pipeline.config import load_config
     from pipeline.inference import worker_env
     from pipeline.loop import Progress, run_loop
@@ -106,6 +114,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     seeds = parse_seeds(args.seeds)
     grid = variants(args.vary)
+    for item in args.overrides:
+        if item.partition("=")[0] == "seed":
+            raise UsageError(f"{item!r}: compare sets the seed of each run; give --seeds")
     # Validate every run's config before any work starts.
     runs = []
     for assignment in grid:
@@ -117,7 +128,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             ]
             runs.append((variant_name(assignment), seed, load_config(args.config, overrides)))
     make_task(runs[0][2].task, runs[0][2].seed)
+    if args.metric:
+        check_metric(args.metric, [cfg for _, _, cfg in runs])
     shareable = all(k.startswith(GEN0_FREE) for a in grid for k in a)
+    check_rerun(Path(args.out), runs)
 
     out = make_output_dir(args.out, "--out")
     print(
@@ -161,6 +175,59 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_metric(metric: str, configs: list) -> None:
+    """Refuse a --metric that no run of the experiment records (UsageError)."""
+    from pipeline.cli import UsageError
+
+    def missing(cfg) -> str | None:
+        if metric in ("accuracy", "sample_accuracy", "filter_precision"):
+            if not cfg.task.checks_answers:
+                return f"task.name={cfg.task.name} checks no answers"
+        if metric == "filter_precision" and "filter" not in cfg.curate.strategy:
+            return f"curate.strategy={cfg.curate.strategy} uses no filter"
+        if metric.startswith("mix_") and cfg.diagnostics.mix_embedding_rows == 0:
+            return "diagnostics.mix_embedding_rows=0 embeds no mix"
+        return None
+
+    reasons = [missing(cfg) for cfg in configs]
+    if all(reasons):
+        raise UsageError(f"--metric {metric}: no run records it ({reasons[0]})")
+
+
+def check_rerun(out: Path, runs: list) -> None:
+    """A rerun into an existing --out resumes its runs: refuse one whose settings changed (its
+    finished stages would be loaded as if computed with the new ones), and a --out that holds
+    something other than a compare experiment. Settings of Ray may change, and
+    loop.generations may grow."""
+    from pipeline.cli import UsageError
+    from pipeline.config import ConfigError, flatten, load_config
+
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not any(out.glob("*/seed_*/config.yaml")):
+        raise UsageError(
+            f"--out {out}: not empty and not a genloop compare experiment; choose another --out"
+        )
+    for name, seed, cfg in runs:
+        saved = out / name / f"seed_{seed}" / "config.yaml"
+        if not saved.is_file():
+            continue
+        try:
+            before = flatten(load_config(saved))
+        except ConfigError:
+            raise UsageError(
+                f"{saved}: unreadable; delete {saved.parent} to run it again"
+            ) from None
+        now = flatten(cfg)
+        for key, value in now.items():
+            grows = key == "loop.generations" and value >= before[key]
+            if before.get(key) != value and not key.startswith("ray.") and not grows:
+                raise UsageError(
+                    f"--out {out}: {name}/seed_{seed} ran with {key}={before.get(key)}, not "
+                    f"{value}; rerun with its settings to resume, or choose another --out"
+                )
+
+
 def _reuse_generation_zero(out: Path, seed: int, run_dir: Path) -> None:
     """Copy a finished generation 0 (and base model) of the same seed from a sibling run."""
     for done in sorted(out.glob(f"*/seed_{seed}/gen_00/.done/evaluate")):
@@ -180,12 +247,7 @@ def summarize(results: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def summary_markdown(summary: pd.DataFrame, metric: str) -> str:
     """Variants as rows, generations as columns: `mean ± std`."""
-    table = summary.assign(
-        cell=[
-            f"{m:.3f} ± {0 if np.isnan(s) else s:.3f}"
-            for m, s in zip(summary["mean"], summary["std"])
-        ]
-    )
+    table = summary.assign(cell=[_mean_std(m, s) for m, s in zip(summary["mean"], summary["std"])])
     wide = table.pivot(index="variant", columns="generation", values="cell")
     wide = wide.loc[list(dict.fromkeys(summary["variant"]))]
     header = "| variant | " + " | ".join(f"gen {g}" for g in wide.columns) + " |"
@@ -197,10 +259,15 @@ def summary_markdown(summary: pd.DataFrame, metric: str) -> str:
 def format_table_final(final: pd.DataFrame, metric: str) -> str:
     ordered = final.sort_values("mean", ascending=metric in LOWER_IS_BETTER)
     return "\n".join(
-        f"  {row.variant:<40} {row.mean:.3f} ± {0 if np.isnan(row.std) else row.std:.3f}"
-        f"  (min {row.min:.3f}, max {row.max:.3f}, {row.count} seeds)"
+        f"  {row.variant:<40} {_mean_std(row.mean, row.std)}"
+        f"  (min {row.min:.3f}, max {row.max:.3f}, {row.count} seed{'s' * (row.count != 1)})"
         for row in ordered.itertuples()
     )
+
+
+def _mean_std(mean: float, std: float) -> str:
+    """`mean ± std`; one seed has no spread, and shows the mean alone."""
+    return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
 def plot_comparison(results: pd.DataFrame, metric: str, path: Path) -> None:

@@ -2,7 +2,17 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import UsageError, main
-from pipeline.compare import METRICS, summarize, summary_markdown, variant_name, variants
+from pipeline.compare import (
+    METRICS,
+    check_metric,
+    check_rerun,
+    format_table_final,
+    summarize,
+    summary_markdown,
+    variant_name,
+    variants,
+)
+from pipeline.config import dump_yaml, load_config
 from pipeline.loop import summary_row
 from tests.tiny import TINY_RUN
 
@@ -19,6 +29,65 @@ def test_variants_form_a_grid():
         variants(["curate.gamma"])
 
 
+@pytest.mark.parametrize(
+    "vary, says",
+    [
+        (["curate.gamma=0.1,0.2", "curate.gamma=0.3"], "curate.gamma is varied twice"),
+        (["curate.gamma=0.1,"], "every value once, none empty"),
+        (["curate.gamma=0.1,0.1"], "every value once, none empty"),
+        (["seed=1,2"], "compare sets the seed; give --seeds 1,2"),
+    ],
+)
+def test_a_grid_that_would_run_something_twice_or_not_at_all_is_refused(vary, says):
+    with pytest.raises(UsageError, match=says):
+        variants(vary)
+
+
+def test_seeds_are_set_by_seeds_alone(tmp_path, capsys):
+    assert main(["compare", "--out", str(tmp_path / "x"), "--seeds", "0,0"]) == 2
+    assert "--seeds '0,0': each seed once" in capsys.readouterr().err
+    assert main(["compare", "--out", str(tmp_path / "x"), "seed=3"]) == 2
+    assert "'seed=3': compare sets the seed of each run; give --seeds" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_metric_no_run_records_is_refused():
+    plain = load_config(None, ["curate=none", "diagnostics.mix_embedding_rows=0"])
+    filtered = load_config(None, ["curate=filter", "diagnostics.mix_embedding_rows=0"])
+    check_metric("accuracy", [plain])
+    check_metric("filter_precision", [plain, filtered])  # one variant records it
+    with pytest.raises(UsageError, match="curate.strategy=none uses no filter"):
+        check_metric("filter_precision", [plain])
+    with pytest.raises(UsageError, match="diagnostics.mix_embedding_rows=0 embeds no mix"):
+        check_metric("mix_real_mmd", [plain, filtered])
+
+
+def test_a_rerun_resumes_only_with_the_settings_its_runs_had(tmp_path):
+    out = tmp_path / "exp"
+    cfg = load_config(None, ["train.steps=10"])
+    check_rerun(out, [("strategy=none", 0, cfg)])  # nothing there yet
+    (out / "strategy=none" / "seed_0").mkdir(parents=True)
+    (out / "strategy=none" / "seed_0" / "config.yaml").write_text(dump_yaml(cfg))
+    check_rerun(out, [("strategy=none", 0, cfg), ("strategy=none", 1, cfg)])
+    longer = load_config(None, ["train.steps=10", "loop.generations=9", "ray.num_cpus=2"])
+    check_rerun(out, [("strategy=none", 0, longer)])
+    changed = load_config(None, ["train.steps=20"])
+    with pytest.raises(UsageError) as caught:
+        check_rerun(out, [("strategy=none", 0, changed)])
+    assert str(caught.value) == (
+        f"--out {out}: strategy=none/seed_0 ran with train.steps=10, not 20; rerun with its "
+        "settings to resume, or choose another --out"
+    )
+    shorter = load_config(None, ["train.steps=10", "loop.generations=1"])
+    with pytest.raises(UsageError, match="ran with loop.generations=5, not 1"):
+        check_rerun(out, [("strategy=none", 0, shorter)])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not empty and not a genloop compare experiment"):
+        check_rerun(other, [("strategy=none", 0, cfg)])
+
+
 def test_summary_over_seeds():
     results = pd.DataFrame(
         {
@@ -32,6 +101,10 @@ def test_summary_over_seeds():
     assert summary["variant"].tolist() == ["b", "a"]  # order of first appearance
     assert summary["mean"].tolist() == pytest.approx([0.6, 0.2])
     assert "| b | 0.600 ± 0.141 |" in summary_markdown(summary, "accuracy")
+    one_seed = summarize(results[results["seed"] == 0], "accuracy")
+    assert "| b | 0.500 |" in summary_markdown(one_seed, "accuracy")  # no spread to show
+    final = format_table_final(one_seed, "accuracy").splitlines()
+    assert final[0].split() == ["b", "0.500", "(min", "0.500,", "max", "0.500,", "1", "seed)"]
 
 
 def test_every_metric_is_a_column_of_a_runs_table():
