@@ -178,29 +178,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def check_metric(metric: str, configs: list) -> None:
     """Refuse a --metric that no run of the experiment records (UsageError)."""
     from pipeline.cli import UsageError
+    from pipeline.loop import unrecorded_metric
 
-    def missing(cfg) -> str | None:
-        if metric in ("accuracy", "sample_accuracy", "filter_precision"):
-            if not cfg.task.checks_answers:
-                return f"task.name={cfg.task.name} checks no answers"
-        if metric == "filter_precision" and "filter" not in cfg.curate.strategy:
-            return f"curate.strategy={cfg.curate.strategy} uses no filter"
-        if metric.startswith("mix_") and cfg.diagnostics.mix_embedding_rows == 0:
-            return "diagnostics.mix_embedding_rows=0 embeds no mix"
-        return None
-
-    reasons = [missing(cfg) for cfg in configs]
+    reasons = [unrecorded_metric(metric, cfg) for cfg in configs]
     if all(reasons):
-        raise UsageError(f"--metric {metric}: no run records it ({reasons[0]})")
+        raise UsageError(f"--metric {metric}: no run records it ({reasons[0][1]})")
 
 
 def check_rerun(out: Path, runs: list) -> None:
-    """A rerun into an existing --out resumes its runs: refuse one whose settings changed (its
-    finished stages would be loaded as if computed with the new ones), and a --out that holds
-    something other than a compare experiment. Settings of Ray may change, and
-    loop.generations may grow."""
+    """A rerun into an existing --out resumes its runs: refuse one whose settings changed
+    (`check_same_settings`), and a --out that holds something other than an experiment."""
     from pipeline.cli import UsageError
-    from pipeline.config import ConfigError, flatten, load_config
+    from pipeline.loop import check_same_settings
 
     if not out.is_dir() or not any(out.iterdir()):
         return
@@ -209,23 +198,7 @@ def check_rerun(out: Path, runs: list) -> None:
             f"--out {out}: not empty and not a genloop compare experiment; choose another --out"
         )
     for name, seed, cfg in runs:
-        saved = out / name / f"seed_{seed}" / "config.yaml"
-        if not saved.is_file():
-            continue
-        try:
-            before = flatten(load_config(saved))
-        except ConfigError:
-            raise UsageError(
-                f"{saved}: unreadable; delete {saved.parent} to run it again"
-            ) from None
-        now = flatten(cfg)
-        for key, value in now.items():
-            grows = key == "loop.generations" and value >= before[key]
-            if before.get(key) != value and not key.startswith("ray.") and not grows:
-                raise UsageError(
-                    f"--out {out}: {name}/seed_{seed} ran with {key}={before.get(key)}, not "
-                    f"{value}; rerun with its settings to resume, or choose another --out"
-                )
+        check_same_settings(out / name / f"seed_{seed}", cfg)
 
 
 def _reuse_generation_zero(out: Path, seed: int, run_dir: Path) -> None:

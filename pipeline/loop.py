@@ -137,6 +137,32 @@ def check_finished_stages(run_dir: Path) -> None:
             gen.check_finished(marker.name)
 
 
+def check_same_settings(run_dir: Path, cfg: RunConfig) -> None:
+    """A directory that already holds a run continues only with the settings it ran with: its
+    finished stages would otherwise be loaded as if computed with `cfg`. Ray's settings may
+    change, and loop.generations may grow. Nothing to check where no run is yet.
+
+    Raises:
+        DataError: naming the directory and the first setting that changed.
+    """
+    from pipeline.config import ConfigError, flatten, load_config
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        before = flatten(load_config(saved))
+    except ConfigError:
+        raise DataError(f"{saved}: unreadable; delete {run_dir} to run it again") from None
+    for key, value in flatten(cfg).items():
+        grows = key == "loop.generations" and value >= before[key]
+        if before[key] != value and not key.startswith("ray.") and not grows:
+            raise DataError(
+                f"{run_dir} ran with {key}={before[key]}, not {value}; continue it with its own "
+                "settings, or use a new directory"
+            )
+
+
 def run_loop(
     cfg: RunConfig,
     run_dir: str | Path | RemoteRun,
@@ -164,6 +190,7 @@ def run_loop(
         remote.pull()
     # Ray workers do not share the driver's working directory: every path they get is absolute.
     run_dir = (remote.local if remote is not None else Path(run_dir)).resolve()
+    check_same_settings(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(run_dir)
     write_text(dump_yaml(cfg), run_dir / "config.yaml")
@@ -923,6 +950,20 @@ def summary_row(generation: int, metrics: dict) -> dict:
         "guard_worse": bool(metrics.get("guard", {}).get("worse", False)),
         "attempt": metrics.get("attempt", 0),
     }
+
+
+def unrecorded_metric(metric: str, cfg: RunConfig) -> tuple[str, str] | None:
+    """Why a run with `cfg` leaves the `metric` column of its table empty, as (the config
+    key or section that decides it, the reason), or None where the run records it."""
+    if metric in ("accuracy", "sample_accuracy", "filter_precision"):
+        if not cfg.task.checks_answers:
+            verifier = " task.verifier=none" if cfg.task.name == "pairs" else ""
+            return "task.", f"task.name={cfg.task.name}{verifier} checks no answers"
+    if metric == "filter_precision" and "filter" not in cfg.curate.strategy:
+        return "curate.strategy", f"curate.strategy={cfg.curate.strategy} uses no filter"
+    if metric.startswith("mix_") and cfg.diagnostics.mix_embedding_rows == 0:
+        return "diagnostics.mix_embedding_rows", "diagnostics.mix_embedding_rows=0 embeds no mix"
+    return None
 
 
 # --------------------------------------------------------------------------- helpers

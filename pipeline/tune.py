@@ -53,7 +53,12 @@ from pipeline.config import (
     read_yaml_mapping,
     set_dotted,
 )
-from pipeline.loop import EMBED_HERE_MAX_ROWS, GEN0_FREE, copy_generation_zero
+from pipeline.loop import (
+    EMBED_HERE_MAX_ROWS,
+    GEN0_FREE,
+    copy_generation_zero,
+    unrecorded_metric,
+)
 
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("none", "asha")
@@ -213,7 +218,12 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> Search:
             config_overrides.append(item)
     searched = {_canonical(k) for k in (tune_raw.get("space") or {})}
     for item in config_overrides:
-        if _canonical(item.partition("=")[0]) in searched:
+        key, _, value = item.partition("=")
+        section = parse_value(value)  # mix={real_fraction: 0.3} sets mix.real_fraction
+        keys = (
+            [f"{key}.{k}" for k in flatten_mapping(section)] if isinstance(section, dict) else [key]
+        )
+        if searched.intersection(map(_canonical, keys)):
             errors.append(f"{item}: this key is searched; change its range in tune.space instead")
     if errors:
         raise ConfigError(errors)
@@ -287,8 +297,6 @@ def parse_search(raw: dict, base: RunConfig, check_values: bool = True) -> Searc
             errors.append(f"tune.metric: {m!r} is not reported; choose from {', '.join(known)}")
     if not metrics:
         errors.append("tune.metric: give at least one metric")
-    if "accuracy" in metrics and base.task.name == "text":
-        errors.append("tune.metric: the text task has no accuracy; use perplexity")
     modes = raw.get("mode")
     if modes is None:
         modes = ["min" if m in LOWER_IS_BETTER else "max" for m in metrics]
@@ -325,6 +333,10 @@ def parse_search(raw: dict, base: RunConfig, check_values: bool = True) -> Searc
         seed = base.seed
 
     space = _parse_space(raw.get("space"), algorithm, base if check_values else None, errors)
+    for m in metrics:
+        unrecorded = unrecorded_metric(m, base)
+        if unrecorded and not any(key.startswith(unrecorded[0]) for key in space):
+            errors.append(f"tune.metric: no trial records {m} ({unrecorded[1]})")
     if base.loop.generations < 1 and "loop.generations" not in space:
         errors.append("loop.generations: a search needs at least 1 generation after generation 0")
     if errors:
@@ -383,9 +395,14 @@ def _parse_space(raw: Any, algorithm: str, base: RunConfig | None, errors: list[
         )
         return {}
     space: dict[str, Param] = {}
+    given_as: dict[str, str] = {}
     for given, spec in raw.items():
         key = _canonical(str(given))
         where = f"tune.space.{given}"
+        if key in given_as:
+            errors.append(f"{where}: the same key as tune.space.{given_as[key]}; give it once")
+            continue
+        given_as[key] = str(given)
         if key.startswith("ray.") or key == "ray":
             errors.append(f"{where}: ray.* belongs to the experiment, not to a trial")
             continue
@@ -447,6 +464,9 @@ def _check_args(kind: str, args: Any) -> str | None:
     if kind in ("choice", "grid"):
         if any(isinstance(v, (list, dict)) for v in args):
             return f"{kind} takes plain values (numbers, strings, true/false, null)"
+        twice = [v for i, v in enumerate(args) if repr(v) in map(repr, args[:i])]
+        if twice:
+            return f"{kind} lists {twice[0]!r} twice; give each value once"
         return None
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args)
     if len(args) != (3 if kind == "quniform" else 2) or not numbers:
@@ -708,12 +728,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
         search = load_search(args.config, args.overrides)
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(args.config).stem}"
         experiment = _location(args.out or f"runs/tune/{name}")
-        if "://" not in experiment:
-            check_output(experiment, "--out")
         if _exists(experiment, SPEC_FILE):
             raise UsageError(
                 f"{experiment} already holds an experiment; continue it with --resume {experiment}"
             )
+        if "://" not in experiment:
+            check_output(experiment, "--out")
+            if Path(experiment).is_dir() and any(Path(experiment).iterdir()):
+                raise UsageError(f"--out {experiment}: not empty; choose a new directory")
         default_runs = (
             f"{experiment}/runs"
             if "://" not in experiment
@@ -722,11 +744,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         runs_dir = str(check_output(args.runs_dir or default_runs, "--runs-dir").resolve())
         gen0_dir = str(Path(runs_dir) / "generation_0") if search.shares_generation_zero else None
     from pipeline.data import DataError
+    from pipeline.loop import check_same_settings
     from pipeline.tasks import make_task
 
     # Bad data costs a second here, not a failed trial: the base's task, and each task the
     # space can make (every file a `task.path` grid or choice names, say).
-    task = make_task(search.base.task, search.base.seed)
+    make_task(search.base.task, search.base.seed)
     for param in search.space.values():
         for value in param.probes() if param.key.startswith("task.") else ():
             try:
@@ -734,10 +757,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             except DataError as e:
                 which = param.key if str(value) in str(e) else f"{param.key}={value}"
                 raise DataError(f"tune.space: {which}: {e}") from None
-    if "accuracy" in search.metrics and not task.verifiable:
-        raise UsageError(
-            f"task {search.base.task.name!r} has no accuracy; use tune.metric: perplexity"
-        )
+    if gen0_dir:  # a --runs-dir shared with an earlier experiment may hold its generation 0
+        check_same_settings(Path(gen0_dir), generation_zero_config(search))
     from cluster.connect import preflight
 
     preflight(search.base.ray.address)
@@ -745,21 +766,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not args.verbose:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if not args.resume:
-        _write_bytes(
-            experiment,
-            SPEC_FILE,
-            yaml.safe_dump(
-                {
-                    "base": dataclasses.asdict(search.base),
-                    "tune": search.raw,
-                    "runs_dir": runs_dir,
-                    "gen0_dir": gen0_dir,
-                },
-                sort_keys=False,
-            ).encode(),
-        )
+        spec = {
+            "base": dataclasses.asdict(search.base),
+            "tune": search.raw,
+            "runs_dir": runs_dir,
+            "gen0_dir": gen0_dir,
+        }
+        spec["digest"] = _spec_digest(yaml.safe_load(yaml.safe_dump(spec)))
+        _write_bytes(experiment, SPEC_FILE, yaml.safe_dump(spec, sort_keys=False).encode())
     return run_search(
         search, experiment, runs_dir, gen0_dir, resume=bool(args.resume), verbose=args.verbose
+    )
+
+
+def generation_zero_config(search: Search) -> RunConfig:
+    """The run that trains the generation 0 every trial starts from (when shareable)."""
+    return dataclasses.replace(
+        search.base, loop=dataclasses.replace(search.base.loop, generations=0)
     )
 
 
@@ -809,10 +832,7 @@ def run_search(
         say(f"genloop tune: experiment {experiment}; trial run directories in {runs_dir}")
         if gen0_dir:
             say("genloop tune: generation 0 does not depend on the searched keys: one for all")
-            gen0_cfg = dataclasses.replace(
-                search.base, loop=dataclasses.replace(search.base.loop, generations=0)
-            )
-            run_loop(gen0_cfg, Path(gen0_dir), Progress(0, echo=say))
+            run_loop(generation_zero_config(search), Path(gen0_dir), Progress(0, echo=say))
         trainable = _trial_resources(
             tune.with_parameters(
                 _trial,
@@ -1253,7 +1273,24 @@ def _read_spec(experiment: str) -> dict:
                 f"{', '.join(sections)}, and --resume needs it as written"
             ]
         )
+    # Ray Tune resumes the search as it began: an edit would apply to some trials and to the
+    # outputs (best.yaml), not to the rest. (Experiments from before the digest: trusted.)
+    if "digest" in saved and saved["digest"] != _spec_digest(saved):
+        raise ConfigError(
+            [
+                f"{experiment}/{SPEC_FILE}: edited since the experiment started, and --resume "
+                "needs it as written; undo the edit, or start a new experiment with --config"
+            ]
+        )
     return saved
+
+
+def _spec_digest(spec: dict) -> str:
+    """A digest of tune.yaml's sections (not of its text: comments and layout may change)."""
+    import hashlib
+
+    sections = {key: value for key, value in spec.items() if key != "digest"}
+    return hashlib.sha256(yaml.safe_dump(sections, sort_keys=True).encode()).hexdigest()
 
 
 def _write_bytes(location: str, name: str, data: bytes) -> None:

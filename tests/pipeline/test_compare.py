@@ -13,6 +13,7 @@ from pipeline.compare import (
     variants,
 )
 from pipeline.config import dump_yaml, load_config
+from pipeline.data import DataError
 from pipeline.loop import summary_row
 from tests.tiny import TINY_RUN
 
@@ -72,14 +73,14 @@ def test_a_rerun_resumes_only_with_the_settings_its_runs_had(tmp_path):
     longer = load_config(None, ["train.steps=10", "loop.generations=9", "ray.num_cpus=2"])
     check_rerun(out, [("strategy=none", 0, longer)])
     changed = load_config(None, ["train.steps=20"])
-    with pytest.raises(UsageError) as caught:
+    with pytest.raises(DataError) as caught:
         check_rerun(out, [("strategy=none", 0, changed)])
     assert str(caught.value) == (
-        f"--out {out}: strategy=none/seed_0 ran with train.steps=10, not 20; rerun with its "
-        "settings to resume, or choose another --out"
+        f"{out}/strategy=none/seed_0 ran with train.steps=10, not 20; continue it with its own "
+        "settings, or use a new directory"
     )
     shorter = load_config(None, ["train.steps=10", "loop.generations=1"])
-    with pytest.raises(UsageError, match="ran with loop.generations=5, not 1"):
+    with pytest.raises(DataError, match="ran with loop.generations=5, not 1"):
         check_rerun(out, [("strategy=none", 0, shorter)])
     other = tmp_path / "other"
     other.mkdir()

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.cli import UsageError, main
-from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.config import ConfigError, RunConfig, dump_yaml, load_config
 from pipeline.loop import copy_generation_zero
 from pipeline.tune import (
     load_search,
@@ -185,12 +185,36 @@ def test_every_problem_is_reported_at_once(tmp_path):
             },
             "grace_period",
         ),
+        ({"space": {"mix.mode": {"grid": ["replace", "replace"]}}}, "lists 'replace' twice"),
+        (
+            {"space": {"curate": {"choice": ["none"]}, "curate.strategy": {"choice": ["filter"]}}},
+            "tune.space.curate.strategy: the same key as tune.space.curate; give it once",
+        ),
     ],
 )
 def test_invalid_searches_are_refused(tune, message):
     with pytest.raises(ConfigError) as caught:
         parse_search(tune, RunConfig())
     assert message in "\n".join(caught.value.errors)
+
+
+def test_a_metric_no_trial_records_is_refused_unless_the_space_can_change_that():
+    unembedded = load_config(None, ["diagnostics.mix_embedding_rows=0", "curate=none"])
+    with pytest.raises(ConfigError) as caught:
+        parse_search(
+            {"metric": "mix_real_mmd", "space": {"mix.mode": {"choice": ["replace"]}}}, unembedded
+        )
+    assert caught.value.errors == [
+        "tune.metric: no trial records mix_real_mmd (diagnostics.mix_embedding_rows=0 embeds "
+        "no mix)"
+    ]
+    with pytest.raises(ConfigError, match="curate.strategy=none uses no filter"):
+        parse_search(
+            {"metric": "filter_precision", "space": {"mix.mode": {"choice": ["replace"]}}},
+            unembedded,
+        )
+    searched = {"metric": "filter_precision", "space": {"curate": {"choice": ["none", "filter"]}}}
+    assert parse_search(searched, unembedded).metrics == ["filter_precision"]
 
 
 def test_multi_objective_defaults_and_modes():
@@ -215,6 +239,14 @@ def test_cli_prints_config_errors_and_usage_errors(tmp_path, capsys):
     good = _preset(tmp_path, {"space": {"mix.real_fraction": {"uniform": [0, 1]}}})
     assert main(["tune", "--config", str(good), "mix.real_fraction=0.5"]) == 2
     assert "is searched" in capsys.readouterr().err
+    assert main(["tune", "--config", str(good), "mix={real_fraction: 0.5}"]) == 2
+    assert "mix={real_fraction: 0.5}: this key is searched" in capsys.readouterr().err
+    assert load_search(good, ["mix={mode: accumulate}"]).base.mix.mode == "accumulate"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "results.md").write_text("my notes")
+    assert main(["tune", "--config", str(good), "--out", str(tmp_path / "mine")]) == 2
+    assert f"--out {tmp_path / 'mine'}: not empty" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "results.md").read_text() == "my notes"
     assert main(["tune"]) == 2
     assert main(["tune", "--resume", str(tmp_path / "nothing")]) == 2
     assert "no tune.yaml here" in capsys.readouterr().err
@@ -277,6 +309,34 @@ def test_resuming_from_a_damaged_tune_yaml_is_one_config_error(tmp_path, capsys,
         f"genloop: config error: {tmp_path}/tune.yaml: damaged; genloop tune writes it as YAML "
         "with base, tune, runs_dir, gen0_dir, and --resume needs it as written"
     ]
+
+
+def test_resuming_after_tune_yaml_was_edited_is_refused(tmp_path, capsys):
+    from pipeline.tune import _read_spec, _spec_digest
+
+    spec = {"base": {"seed": 0}, "tune": {"num_samples": 2}, "runs_dir": "r", "gen0_dir": None}
+    spec["digest"] = _spec_digest(spec)
+    (tmp_path / "tune.yaml").write_text("# a comment may be added\n" + yaml.safe_dump(spec))
+    assert _read_spec(str(tmp_path))["tune"] == {"num_samples": 2}
+    spec["tune"]["num_samples"] = 9
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(spec))
+    assert _config_errors(capsys, "tune", "--resume", str(tmp_path)) == [
+        f"genloop: config error: {tmp_path}/tune.yaml: edited since the experiment started, and "
+        "--resume needs it as written; undo the edit, or start a new experiment with --config"
+    ]
+
+
+def test_a_runs_dir_holding_another_generation_0_is_refused_before_ray(tmp_path, capsys):
+    import ray
+
+    good = _preset(tmp_path, {"space": {"mix.real_fraction": {"uniform": [0, 1]}}})
+    earlier = tmp_path / "runs" / "generation_0"
+    earlier.mkdir(parents=True)
+    (earlier / "config.yaml").write_text(dump_yaml(load_config(None, ["model.n_embd=32"])))
+    argv = ["tune", "--config", str(good), "--out", str(tmp_path / "x")]
+    assert main([*argv, "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert f"{earlier} ran with model.n_embd=32, not 128" in capsys.readouterr().err
+    assert not ray.is_initialized()
 
 
 # --------------------------------------------------------------------------- resources
