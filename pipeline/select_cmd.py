@@ -146,6 +146,8 @@ def cmd_select(args: argparse.Namespace, echo: Callable[[str], None] | None = No
     out = check_output(args.out, "--out", file=True)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"--out {out}: unknown suffix {out.suffix!r}; use .parquet or .jsonl")
+    if out.resolve() == Path(args.data).resolve():
+        raise UsageError(f"--out {out}: is the --data file; write the selection elsewhere")
     if args.work_dir:
         check_output(args.work_dir, "--work-dir")
     fields, options = parse_options(method, args.options)

@@ -71,6 +71,13 @@ def test_random_to_parquet_with_a_fraction_is_seeded(pairs, tmp_path):
     assert a["id"].is_unique
 
 
+def test_the_data_file_is_never_the_output(pairs, capsys):
+    before = pairs.read_bytes()
+    assert _select(pairs, pairs.parent / "." / pairs.name, "random", "5") == 2
+    assert "is the --data file; write the selection elsewhere" in capsys.readouterr().err
+    assert pairs.read_bytes() == before
+
+
 def test_field_mapping_writes_the_files_own_column_names(tmp_path):
     rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(12)]
     data = _write_jsonl(tmp_path / "qa.jsonl", rows)
