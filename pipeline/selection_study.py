@@ -19,8 +19,9 @@ ordering (ClusterClip as the order training consumes data in, over several epoch
 
 The targets are tiny character-level GPT-2s built from a config (nothing is downloaded), so
 the study runs on a laptop in minutes; the same code takes a real model directory. Each
-finished cell is a JSON file in DIR/cells, written atomically: a rerun skips it. Writes
-DIR/results.csv and DIR/summary.md.
+finished cell is a JSON file in DIR/cells, written atomically: a rerun skips it. A rerun may
+add or drop methods, fractions, orders and seeds; other changed settings are refused
+(DIR/study.json records them). Writes DIR/results.csv and DIR/summary.md.
 """
 
 from __future__ import annotations
@@ -162,11 +163,15 @@ def register(commands) -> None:
 
 def cmd_selection_study(args: argparse.Namespace, echo: Callable[[str], None] | None = None) -> int:
     from pipeline.cli import UsageError, make_output_dir, parse_seeds
+    from pipeline.data import write_json
     from pipeline.select_cmd import _with_ray
 
     echo = echo or (lambda line: print(line, flush=True))
     if args.seeds is not None and args.study != "ordering":
         raise UsageError("--seeds: for the ordering study (subsets draws random with 0,1,2)")
+    for flag, study_of_flag in (("data", "subsets"), ("text", "ordering"), ("rare", "ordering")):
+        if getattr(args, flag) is not None and args.study != study_of_flag:
+            raise UsageError(f"--{flag}: for the {study_of_flag} study")
     if args.epochs is not None and (args.study != "subsets" or not args.epochs > 0):
         raise UsageError(f"--epochs {args.epochs}: a positive number, for the subsets study")
     if args.study == "subsets":
@@ -174,7 +179,7 @@ def cmd_selection_study(args: argparse.Namespace, echo: Callable[[str], None] | 
         run, read = run_subsets, subset_rows
     else:
         paths = {k: v for k, v in (("text", args.text), ("rare", args.rare)) if v}
-        seeds = {"seeds": parse_seeds(args.seeds)} if args.seeds else {}
+        seeds = {"seeds": parse_seeds(args.seeds)} if args.seeds is not None else {}
         study = OrderingStudy(**paths, **seeds)
         run, read = run_ordering, ordering_documents
     if args.quick:
@@ -184,12 +189,57 @@ def cmd_selection_study(args: argparse.Namespace, echo: Callable[[str], None] | 
         if path is not None and not Path(path).exists():
             raise UsageError(f"--{name} {path}: no such file")
     data = read(study)  # before Ray starts and --out is made: bad data costs a second
+    settings = study_settings(args.study, study)
+    check_rerun(Path(args.out), settings)
     out = make_output_dir(args.out, "--out")
+    write_json(settings, out / STUDY_FILE)
     (out / "cells").mkdir(exist_ok=True)
     echo(f"genloop selection-study {args.study}: {out}")
     _with_ray(lambda: run(study, data, out, echo), verbose=args.verbose, use_gpu=False, echo=echo)
     echo(f"wrote {out / 'results.csv'} and {out / 'summary.md'}")
     return 0
+
+
+STUDY_FILE = "study.json"  # the settings of the study in a --out, for a rerun to check
+# Settings that only name cells (each cell's file is named by its method or order, fraction
+# and seed): a rerun may add or drop cells; every other setting shapes every cell.
+CELL_LISTS = ("methods", "fractions", "random_seeds", "orders", "seeds")
+
+
+def study_settings(name: str, study) -> dict:
+    """The study's settings as JSON values, data files as absolute paths."""
+    settings = {"study": name, **json.loads(json.dumps(dataclasses.asdict(study)))}
+    for key in ("data", "text", "rare"):
+        if key in settings:
+            settings[key] = str(Path(settings[key]).resolve())
+    return settings
+
+
+def check_rerun(out: Path, settings: dict) -> None:
+    """A rerun resumes the study in `out` (finished cells are kept): refuse one with other
+    settings (but for CELL_LISTS), whose cells would be reported as its own, and a --out
+    holding something else.
+
+    Raises:
+        UsageError: naming the first setting that differs.
+    """
+    from pipeline.cli import UsageError
+
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    saved = out / STUDY_FILE
+    try:
+        before = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        raise UsageError(
+            f"--out {out}: not empty and holds no readable {STUDY_FILE}; choose a new --out"
+        ) from None
+    for key, value in settings.items():
+        if before.get(key) != value and key not in CELL_LISTS:
+            raise UsageError(
+                f"--out {out}: its study ran with {key}={before.get(key)}, not {value}; "
+                "rerun it with the same settings to resume, or choose a new --out"
+            )
 
 
 # --------------------------------------------------------------------------- subsets

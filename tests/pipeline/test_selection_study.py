@@ -1,5 +1,7 @@
 """The selection study's pure parts: documents, draw orders, the weighted loss, summaries."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -148,3 +150,46 @@ def test_ordering_summary_averages_the_seeds_of_each_order():
         in text
     )
     assert "| balanced | 1.8000 | 1.0000 | 1.5000 |" in text
+
+
+def test_a_rerun_resumes_only_the_same_study(tmp_path, corpora):
+    from pipeline.cli import UsageError
+    from pipeline.selection_study import STUDY_FILE, check_rerun, study_settings
+
+    text, rare = corpora
+    settings = study_settings("ordering", quick(OrderingStudy(text=text, rare=rare)))
+    out = tmp_path / "study"
+    check_rerun(out, settings)  # nothing there yet
+    out.mkdir()
+    (out / STUDY_FILE).write_text(json.dumps(settings))
+    (out / "cells").mkdir()
+    check_rerun(out, settings)
+    more_seeds = quick(OrderingStudy(text=text, rare=rare, seeds=(0, 1)))
+    check_rerun(out, study_settings("ordering", more_seeds))  # more cells, same cells kept
+    other = study_settings("ordering", quick(OrderingStudy(text=rare, rare=rare)))
+    with pytest.raises(UsageError) as caught:
+        check_rerun(out, other)
+    assert str(caught.value) == (
+        f"--out {out}: its study ran with text={text}, not {rare}; rerun it with the same "
+        "settings to resume, or choose a new --out"
+    )
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match="not empty and holds no readable study.json"):
+        check_rerun(tmp_path / "mine", settings)
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["subsets", "--text", "t.txt"], "--text: for the ordering study"),
+        (["ordering", "--data", "d.jsonl"], "--data: for the subsets study"),
+        (["ordering", "--seeds", ""], "--seeds '': expected integers like 0,1,2"),
+    ],
+)
+def test_flags_of_the_other_study_or_empty_seeds_are_refused(tmp_path, capsys, argv, says):
+    from pipeline.cli import main
+
+    assert main(["selection-study", *argv, "--out", str(tmp_path / "s")]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
