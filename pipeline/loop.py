@@ -154,11 +154,13 @@ def check_same_settings(run_dir: Path, cfg: RunConfig) -> None:
         before = flatten(load_config(saved))
     except ConfigError:
         raise DataError(f"{saved}: unreadable; delete {run_dir} to run it again") from None
-    for key, value in flatten(cfg).items():
-        grows = key == "loop.generations" and value >= before[key]
-        if before[key] != value and not key.startswith("ray.") and not grows:
+    now = flatten(cfg)
+    for key in dict.fromkeys([*now, *before]):  # a mapping such as task.fields may differ
+        old, new = before.get(key), now.get(key)
+        grows = key == "loop.generations" and new >= old
+        if old != new and not key.startswith("ray.") and not grows:
             raise DataError(
-                f"{run_dir} ran with {key}={before[key]}, not {value}; continue it with its own "
+                f"{run_dir} ran with {key}={old}, not {new}; continue it with its own "
                 "settings, or use a new directory"
             )
 

@@ -82,6 +82,9 @@ def test_a_rerun_resumes_only_with_the_settings_its_runs_had(tmp_path):
     shorter = load_config(None, ["train.steps=10", "loop.generations=1"])
     with pytest.raises(DataError, match="ran with loop.generations=5, not 1"):
         check_rerun(out, [("strategy=none", 0, shorter)])
+    mapped = load_config(None, ["train.steps=10", "task.fields.prompt=question"])
+    with pytest.raises(DataError, match="ran with task.fields.prompt=None, not question"):
+        check_rerun(out, [("strategy=none", 0, mapped)])
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
