@@ -13,6 +13,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -649,6 +650,19 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
 
 def dump_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def first_change(
+    before: dict[str, Any], now: dict[str, Any], may_change: Callable[[str, Any, Any], bool]
+) -> tuple[str, Any, Any] | None:
+    """The first key of either settings mapping whose value differs where `may_change(key,
+    old, new)` does not allow it, as (key, old, new); None when there is none. A key on one
+    side only compares with None."""
+    for key in dict.fromkeys([*now, *before]):
+        old, new = before.get(key), now.get(key)
+        if old != new and not may_change(key, old, new):
+            return key, old, new
+    return None
 
 
 def flatten(config: RunConfig) -> dict[str, Any]:

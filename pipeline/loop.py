@@ -145,7 +145,7 @@ def check_same_settings(run_dir: Path, cfg: RunConfig) -> None:
     Raises:
         DataError: naming the directory and the first setting that changed.
     """
-    from pipeline.config import ConfigError, flatten, load_config
+    from pipeline.config import ConfigError, first_change, flatten, load_config
 
     saved = run_dir / "config.yaml"
     if not saved.is_file():
@@ -154,15 +154,17 @@ def check_same_settings(run_dir: Path, cfg: RunConfig) -> None:
         before = flatten(load_config(saved))
     except ConfigError:
         raise DataError(f"{saved}: unreadable; delete {run_dir} to run it again") from None
-    now = flatten(cfg)
-    for key in dict.fromkeys([*now, *before]):  # a mapping such as task.fields may differ
-        old, new = before.get(key), now.get(key)
-        grows = key == "loop.generations" and new >= old
-        if old != new and not key.startswith("ray.") and not grows:
-            raise DataError(
-                f"{run_dir} ran with {key}={old}, not {new}; continue it with its own "
-                "settings, or use a new directory"
-            )
+    change = first_change(
+        before,
+        flatten(cfg),
+        lambda key, old, new: key.startswith("ray.") or (key == "loop.generations" and new > old),
+    )
+    if change:
+        key, old, new = change
+        raise DataError(
+            f"{run_dir} ran with {key}={old}, not {new}; continue it with its own settings, or "
+            "use a new directory"
+        )
 
 
 def run_loop(

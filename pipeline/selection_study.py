@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config import ModelConfig, TrainConfig, first_change
 from selection.selectors import required_features
 
 GSM8K = "../shared/data/gsm8k/train.jsonl"
@@ -234,12 +234,13 @@ def check_rerun(out: Path, settings: dict) -> None:
         raise UsageError(
             f"--out {out}: not empty and holds no readable {STUDY_FILE}; choose a new --out"
         ) from None
-    for key, value in settings.items():
-        if before.get(key) != value and key not in CELL_LISTS:
-            raise UsageError(
-                f"--out {out}: its study ran with {key}={before.get(key)}, not {value}; "
-                "rerun it with the same settings to resume, or choose a new --out"
-            )
+    change = first_change(before, settings, lambda key, *_: key in CELL_LISTS)
+    if change:
+        key, old, new = change
+        raise UsageError(
+            f"--out {out}: its study ran with {key}={old}, not {new}; rerun it with the same "
+            "settings to resume, or choose a new --out"
+        )
 
 
 # --------------------------------------------------------------------------- subsets
