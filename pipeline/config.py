@@ -382,6 +382,8 @@ def _coerce(hint: Any, value: Any, key: str, errors: list[str]) -> Any:
             pass
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):  # YAML's .inf and .nan
+            return _mismatch(errors, f"{key}: expected a finite number, got {value!r}")
         return float(value) if ok else _mismatch(errors, f"{key}: expected a number, got {value!r}")
     if hint is str:
         return (
@@ -423,6 +425,7 @@ def validate(c: RunConfig) -> list[str]:
             0.0 <= value <= 1.0 and not math.isnan(value), f"{key}: must be in [0, 1], got {value}"
         )
 
+    need(c.seed >= 0, f"seed: must be >= 0, got {c.seed}")
     t = c.task
     for key in (
         "digits",
@@ -467,6 +470,17 @@ def validate(c: RunConfig) -> list[str]:
 
     # A sequence holds at least the start token and one token to learn or generate.
     need(m.max_length != 1, "model.max_length: at least 2 (the start token and one more), got 1")
+    if t.name == "text" and m.path is None and m.max_length > 1:
+        # The model genloop builds reads a character a token: a training block, or a prompt
+        # and its continuation, after the start token.
+        longest = max(t.block_chars, t.prompt_chars + t.continuation_chars)
+        need(
+            m.max_length > longest,
+            f"model.max_length: the text task's longest sequence is {longest + 1} tokens (the "
+            f"start token, then task.block_chars={t.block_chars}, or task.prompt_chars + "
+            f"task.continuation_chars={t.prompt_chars + t.continuation_chars}); got "
+            f"{m.max_length}",
+        )
     if t.name == "arithmetic":
         # start token, "aaa+bbb=", the sum's digits (one more than an operand's), end token
         example = 1 + (2 * t.digits + 2) + (t.digits + 1) + 1
@@ -481,6 +495,12 @@ def validate(c: RunConfig) -> list[str]:
     positive("loop.gen0_eval_every", c.loop.gen0_eval_every)
     if c.loop.gen0_target_accuracy is not None:
         fraction("loop.gen0_target_accuracy", c.loop.gen0_target_accuracy)
+        need(
+            t.validation_prompts > 0 or not t.checks_answers,
+            "task.validation_prompts: 0 leaves generation 0's early stop "
+            f"(loop.gen0_target_accuracy={c.loop.gen0_target_accuracy}) nothing to check; "
+            "set loop.gen0_target_accuracy= (none) to train all loop.gen0_steps",
+        )
 
     g = c.generate
     for key in ("samples_per_prompt", "batch_size", "workers", "temperature"):
@@ -543,6 +563,7 @@ def validate(c: RunConfig) -> list[str]:
         positive(f"train.{key}", getattr(tr, key))
     positive("train.lr", tr.lr)
     need(tr.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {tr.weight_decay}")
+    need(tr.grad_clip >= 0, f"train.grad_clip: must be >= 0 (0: no clipping), got {tr.grad_clip}")
     need(tr.warmup_steps >= 0, f"train.warmup_steps: must be >= 0, got {tr.warmup_steps}")
     need(
         tr.checkpoint_every >= 0, f"train.checkpoint_every: must be >= 0, got {tr.checkpoint_every}"

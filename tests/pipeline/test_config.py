@@ -110,7 +110,10 @@ def test_generation_backend_vllm_needs_gpus_and_vllm():
 
 def test_an_accuracy_guard_needs_a_task_that_checks_answers():
     with pytest.raises(ConfigError) as info:
-        load_config(None, ["task.name=text", "task.path=x.txt", "guard.metric=accuracy"])
+        load_config(
+            None,
+            ["task.name=text", "task.path=x.txt", "model.max_length=129", "guard.metric=accuracy"],
+        )
     assert info.value.errors == [
         "guard.metric: accuracy needs a task that checks answers (arithmetic, or pairs with a "
         "task.verifier), not task.name=text; use perplexity or auto"
@@ -176,3 +179,47 @@ def test_a_model_of_one_position_is_refused():
     assert error.value.errors == [
         "model.max_length: at least 2 (the start token and one more), got 1"
     ]
+
+
+def test_numbers_must_be_finite_and_seeds_and_clipping_not_negative():
+    """train.lr=.inf trained to nan and then failed in generation; seed=-1 was a numpy
+    traceback; a negative train.grad_clip quietly meant no clipping."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.lr=.inf", "generate.temperature=.nan", "seed=-1"])
+    assert info.value.errors == [
+        "generate.temperature: expected a finite number, got nan",
+        "train.lr: expected a finite number, got inf",
+        "seed: must be >= 0, got -1",
+    ]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.grad_clip=-1"])
+    assert info.value.errors == ["train.grad_clip: must be >= 0 (0: no clipping), got -1.0"]
+    assert load_config(None, ["train.grad_clip=0"]).train.grad_clip == 0.0
+
+
+def test_an_early_stop_needs_validation_prompts():
+    """task.validation_prompts=0 passed, and generation 0's first early-stop check failed
+    in the training workers (an empty batch of prompts)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["task.validation_prompts=0"])
+    assert info.value.errors == [
+        "task.validation_prompts: 0 leaves generation 0's early stop "
+        "(loop.gen0_target_accuracy=0.25) nothing to check; set loop.gen0_target_accuracy= "
+        "(none) to train all loop.gen0_steps"
+    ]
+    cfg = load_config(None, ["task.validation_prompts=0", "loop.gen0_target_accuracy="])
+    assert cfg.loop.gen0_target_accuracy is None
+
+
+def test_the_text_task_needs_a_context_for_its_longest_sequence():
+    """model.max_length=16 cut 96-character continuations to a few characters, silently."""
+    text = ["task.name=text", "task.path=x.txt"]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*text, "model.max_length=16"])
+    assert info.value.errors == [
+        "model.max_length: the text task's longest sequence is 129 tokens (the start token, "
+        "then task.block_chars=128, or task.prompt_chars + task.continuation_chars=128); got 16"
+    ]
+    assert load_config(None, [*text, "model.max_length=129"]).model.max_length == 129
+    # A model of the user's has its own tokenizer: characters are not its tokens.
+    load_config(None, [*text, "model.max_length=16", "model.path=gpt2"])
