@@ -148,7 +148,7 @@ def parse_only(text: str | None) -> list[str]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench_stages import BenchSettings
-    from pipeline.cli import UsageError, make_output_dir
+    from pipeline.cli import UsageError, make_output_dir, path_or_default
     from pipeline.config import load_config
 
     only = parse_only(args.only)
@@ -173,7 +173,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.repeats is not None:
         settings = dataclasses.replace(settings, repeats=args.repeats)
     # Made now: the results come after minutes of work.
-    out = make_output_dir(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
+    default = f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(path_or_default(args.out, "--out", default))
+    if out.is_dir() and any(out.iterdir()):  # an earlier bench.json would be replaced
+        raise UsageError(f"--out {out}: not empty; choose a new directory")
+    out = make_output_dir(out, "--out")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     result = run_bench(cfg, settings, only, quick=args.quick, overrides=overrides)

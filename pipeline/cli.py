@@ -44,6 +44,8 @@ def check_output(path: str | Path, flag: str, *, file: bool = False) -> Path:
     (`file=False`) or file (`file=True`) that the command could not create or replace,
     because a file or directory is in its place, a file is on its way, or its nearest
     existing directory is not writable. Creates nothing; returns the path."""
+    if not str(path).strip():
+        raise UsageError(f"{flag}: empty; give a path")
     path = Path(path)
     if file and path.is_dir():
         raise UsageError(f"{flag} {path}: is a directory; give a file name")
@@ -57,6 +59,16 @@ def check_output(path: str | Path, flag: str, *, file: bool = False) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: {existing} is not writable")
     return path
+
+
+def path_or_default(value: str | None, flag: str, default: str) -> str:
+    """The path a flag gave, or `default` when the flag was not given. An empty one (an unset
+    variable in a script, `--out "$OUT"`) is refused, not taken for the default."""
+    if value is None:
+        return default
+    if not value.strip():
+        raise UsageError(f"{flag}: empty; give a path")
+    return value
 
 
 def make_output_dir(path: str | Path, flag: str) -> Path:
@@ -275,12 +287,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"loop.generations={cfg.loop.generations}: a resumed run may only grow; this "
                 f"one has loop.generations={planned}"
             )
-        from pipeline.loop import check_finished_stages
+        from pipeline.loop import check_finished_stages, check_same_settings
 
+        check_same_settings(run_dir, cfg)  # a hand edit of config.yaml
         check_finished_stages(run_dir)
     else:
         cfg = load_config(args.config, args.overrides)
-        run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.task.name}")
+        default = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.task.name}"
+        run_dir = Path(path_or_default(args.run_dir, "--run-dir", default))
         if remote is None:
             check_output(run_dir, "--run-dir")
         if (
@@ -293,6 +307,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "or choose another --run-dir"
             )
     check_before_ray(cfg)
+    if remote is None:  # a directory the OS refuses (/proc, a full disk) fails here, not in Ray
+        make_output_dir(run_dir, "--run-dir")
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not cfg.train.use_gpu else "cuda")
     if not args.verbose:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.cli import UsageError, check_output
+from pipeline.cli import UsageError, check_output, path_or_default
 from pipeline.data import DataError, atomic_path, read_records, read_text, write_json, write_parquet
 from pipeline.report import format_rows
 
@@ -181,10 +181,11 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UsageError(f"--limit: must be >= 1, got {args.limit}")
     settings = parse_settings(args.overrides)
+    default = f"diagnose-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = check_output(path_or_default(args.out, "--out", default), "--out")
     for model in args.model:
         check_model_path(model)
     frame, description, pairs = load_examples(args.data, settings, args.limit)
-    out = check_output(args.out or f"diagnose-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
     add_eos = pairs if settings.add_eos is None else settings.add_eos
     device = settings.device or _default_device()
     quiet_transformers()

@@ -147,13 +147,17 @@ def check_same_settings(run_dir: Path, cfg: RunConfig) -> None:
     """
     from pipeline.config import ConfigError, first_change, flatten, load_config
 
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
+    saved, record = run_dir / "config.yaml", run_dir / SETTINGS_RECORD
+    # The record, not config.yaml, says what the run ran with: `--resume` reads config.yaml,
+    # so an edit there would otherwise pass for the run's own settings. Runs from before the
+    # record have only config.yaml.
+    ran_with = record if record.is_file() else saved
+    if not ran_with.is_file():
         return
     try:
-        before = flatten(load_config(saved))
+        before = flatten(load_config(ran_with))
     except ConfigError:
-        raise DataError(f"{saved}: unreadable; delete {run_dir} to run it again") from None
+        raise DataError(f"{ran_with}: unreadable; delete {run_dir} to run it again") from None
     change = first_change(
         before,
         flatten(cfg),
@@ -161,10 +165,29 @@ def check_same_settings(run_dir: Path, cfg: RunConfig) -> None:
     )
     if change:
         key, old, new = change
+        edited = ran_with == record and _setting(saved, key) == new
         raise DataError(
-            f"{run_dir} ran with {key}={old}, not {new}; continue it with its own settings, or "
-            "use a new directory"
+            f"{run_dir} ran with {key}={old}, not {new}; "
+            + (
+                f"its config.yaml was edited since: put back {key}: {old}"
+                if edited
+                else "continue it with its own settings, or use a new directory"
+            )
         )
+
+
+# What a run last ran with, beside config.yaml (the copy to read); `check_same_settings`.
+SETTINGS_RECORD = ".settings.yaml"
+
+
+def _setting(config_file: Path, key: str):
+    """One dotted setting of a config file, None where the file or the key cannot be read."""
+    from pipeline.config import ConfigError, flatten, load_config
+
+    try:
+        return flatten(load_config(config_file)).get(key)
+    except (ConfigError, OSError):
+        return None
 
 
 def run_loop(
@@ -198,6 +221,7 @@ def run_loop(
     run_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(run_dir)
     write_text(dump_yaml(cfg), run_dir / "config.yaml")
+    write_text(dump_yaml(cfg), run_dir / SETTINGS_RECORD)
     task = make_task(cfg.task, cfg.seed)
     if not ray.is_initialized():  # compare, tune and bench connect once for all their runs
         progress.echo(

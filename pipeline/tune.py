@@ -711,10 +711,10 @@ def register(commands) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     import os
 
-    from pipeline.cli import UsageError, check_output
+    from pipeline.cli import UsageError, check_output, path_or_default
 
     if args.resume:
-        if args.config or args.overrides or args.out or args.runs_dir:
+        if args.config or args.overrides or args.out is not None or args.runs_dir is not None:
             raise UsageError("--resume takes the experiment's own tune.yaml; give only the path")
         experiment = _location(args.resume)
         saved = _read_spec(experiment)
@@ -727,7 +727,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise UsageError("genloop tune needs --config PRESET.yaml (or --resume EXPERIMENT)")
         search = load_search(args.config, args.overrides)
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(args.config).stem}"
-        experiment = _location(args.out or f"runs/tune/{name}")
+        experiment = _location(path_or_default(args.out, "--out", f"runs/tune/{name}"))
         if _exists(experiment, SPEC_FILE):
             raise UsageError(
                 f"{experiment} already holds an experiment; continue it with --resume {experiment}"
@@ -741,7 +741,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             if "://" not in experiment
             else f"runs/tune/{_name(experiment)}/runs"
         )
-        runs_dir = str(check_output(args.runs_dir or default_runs, "--runs-dir").resolve())
+        runs_dir = path_or_default(args.runs_dir, "--runs-dir", default_runs)
+        runs_dir = str(check_output(runs_dir, "--runs-dir").resolve())
         gen0_dir = str(Path(runs_dir) / "generation_0") if search.shares_generation_zero else None
     from pipeline.data import DataError
     from pipeline.loop import check_same_settings

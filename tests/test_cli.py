@@ -268,3 +268,62 @@ def test_resume_refuses_a_finished_stage_whose_files_are_gone(capsys, tmp_path):
         "it to redo them\n"
     )
     assert not ray.is_initialized()
+
+
+def test_resume_refuses_a_hand_edited_config(capsys, tmp_path):
+    """--resume reads config.yaml, so an edit there passed for the run's own settings: the
+    next generation ran with them, beside generations made with others."""
+    import ray
+
+    from pipeline.config import dump_yaml, load_config
+    from pipeline.loop import SETTINGS_RECORD
+
+    settings = dump_yaml(load_config())
+    (tmp_path / "config.yaml").write_text(
+        settings.replace("real_fraction: 0.0", "real_fraction: 0.5")
+    )
+    (tmp_path / SETTINGS_RECORD).write_text(settings)
+    code, out = _run(capsys, "run", "--resume", "--run-dir", str(tmp_path))
+    assert code == 2 and out.err == (
+        f"genloop: error: {tmp_path} ran with mix.real_fraction=0.0, not 0.5; its config.yaml "
+        "was edited since: put back mix.real_fraction: 0.0\n"
+    )
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--run-dir", ""],
+        ["bench", "--quick", "--out", ""],
+        ["diagnose", "--model", "a", "--model", "b", "--data", "d.jsonl", "--out", ""],
+        ["tune", "--config", "ray_configs/tune/arithmetic_strategy_grid.yaml", "--out", ""],
+        ["tune", "--config", "ray_configs/tune/arithmetic_strategy_grid.yaml", "--runs-dir", ""],
+    ],
+)
+def test_an_empty_output_path_is_refused_not_taken_for_the_default(capsys, argv):
+    """`--run-dir "$DIR"` with DIR unset wrote a run under ./runs/ and exited 0."""
+    code, out = _run(capsys, *argv)
+    flag = argv[argv.index("") - 1]
+    assert code == 2 and out.err == f"genloop: error: {flag}: empty; give a path\n"
+
+
+def test_a_run_directory_the_os_refuses_is_one_line_before_ray(capsys, tmp_path):
+    """A place os.access calls writable but mkdir refuses (/proc, for root) failed with a
+    FileNotFoundError traceback after Ray had started."""
+    import ray
+
+    code, out = _run(capsys, "run", "--run-dir", "/proc/genloop-test-run")
+    assert code == 2 and out.err.startswith("genloop: error: --run-dir /proc/genloop-test-run: ")
+    assert len(out.err.splitlines()) == 1 and not ray.is_initialized()
+
+
+def test_bench_refuses_an_output_directory_that_holds_files(capsys, tmp_path):
+    """It wrote beside them, replacing an earlier bench.json."""
+    (tmp_path / "bench.json").write_text("{}")
+    code, out = _run(capsys, "bench", "--quick", "--out", str(tmp_path))
+    assert (
+        code == 2
+        and out.err == f"genloop: error: --out {tmp_path}: not empty; choose a new directory\n"
+    )
+    assert (tmp_path / "bench.json").read_text() == "{}"
