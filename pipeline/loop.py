@@ -1033,8 +1033,8 @@ def _read_mix(gen: Generation) -> pd.DataFrame:
 
 
 def _describe_mix(frame: pd.DataFrame) -> str:
-    counts = composition(frame)
-    return f"{len(frame):,} examples ({', '.join(f'{k} {v:,}' for k, v in counts.items() if v)})"
+    parts = ", ".join(f"{k} {v:,}" for k, v in composition(frame).items() if v)
+    return f"{len(frame):,} examples" + (f" ({parts})" if parts else "")
 
 
 def _describe_train(gen: Generation) -> Callable[[str], str]:

@@ -67,11 +67,12 @@ def test_an_unknown_pool_is_a_config_error():
 
 
 def test_an_empty_mix_carries_the_model_over_and_says_why(tmp_path, tiny_model_dir):
-    from pipeline.loop import _describe_train, train_stage
+    from pipeline.loop import _describe_mix, _describe_train, train_stage
 
     cfg = load_config(None, ["mix.real_fraction=0"])
     gen = Generation(tmp_path, 1)
     empty = pd.DataFrame(columns=["prompt", "response", "source", "origin_generation"])
+    assert _describe_mix(empty) == "0 examples"  # it read "0 examples ()"
     model = train_stage(cfg, task=None, gen=gen, init_model=tiny_model_dir, training_set=empty)
     assert model == gen.ref("model")
     assert sorted(p.name for p in gen.path("model").iterdir()) == sorted(
