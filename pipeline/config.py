@@ -254,6 +254,24 @@ def yaml_error_line(error: Exception) -> str:
     return f" at line {mark.line + 1}" if mark is not None else ""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    value, so the first one (a preset's `lr:` above an edited one) would be dropped unseen."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    [f"line {key_node.start_mark.line + 1}: {key!r} is given twice in one mapping"]
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: Path, what: str = "file") -> dict[str, Any]:
     """The mapping at the top of a YAML file (empty file: {}).
 
@@ -266,7 +284,9 @@ def read_yaml_mapping(path: Path, what: str = "file") -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"{what} not found: {path}"])
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except ConfigError as e:
+        raise ConfigError([f"{path}: {e.errors[0]}"]) from None
     except UnicodeDecodeError as e:
         line = e.object[: e.start].count(b"\n") + 1
         raise ConfigError([f"{path}: line {line}: not UTF-8 text"]) from None

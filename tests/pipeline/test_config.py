@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, RunConfig, load_config, validate
+from pipeline.config import ConfigError, RunConfig, load_config, read_yaml_mapping, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "ray_configs").glob("*.yaml"))
@@ -223,3 +223,15 @@ def test_the_text_task_needs_a_context_for_its_longest_sequence():
     assert load_config(None, [*text, "model.max_length=129"]).model.max_length == 129
     # A model of the user's has its own tokenizer: characters are not its tokens.
     load_config(None, [*text, "model.max_length=16", "model.path=gpt2"])
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    """PyYAML keeps the last value: the first lr of the file was dropped unseen."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  lr: 1.0e-4\n  steps: 10\n  lr: 3.0e-4\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(preset)
+    assert info.value.errors == [f"{preset}: line 4: 'lr' is given twice in one mapping"]
+    merged = tmp_path / "merged.yaml"  # values a merge key brings may be overridden
+    merged.write_text("base: &b\n  lr: 1.0e-4\ntrain:\n  <<: *b\n  lr: 3.0e-4\n")
+    assert read_yaml_mapping(merged)["train"] == {"lr": 3.0e-4}
