@@ -220,8 +220,9 @@ def run_loop(
     check_same_settings(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(run_dir)
-    write_text(dump_yaml(cfg), run_dir / "config.yaml")
-    write_text(dump_yaml(cfg), run_dir / SETTINGS_RECORD)
+    settings = dump_yaml(cfg)
+    write_text(settings, run_dir / "config.yaml")
+    write_text(settings, run_dir / SETTINGS_RECORD)
     task = make_task(cfg.task, cfg.seed)
     if not ray.is_initialized():  # compare, tune and bench connect once for all their runs
         progress.echo(
