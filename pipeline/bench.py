@@ -8,7 +8,8 @@ times, and reports medians and the ratio genloop / baseline: loss scoring (Score
 1 and 2 workers, vs a batched single-process loop), generation (batched KV-cache generation vs
 per-prompt HF generate), training (Ray Train + DeepSpeed, 1 and 2 workers, vs a plain torch
 loop; the plain loop also as 2 processes, with torch DDP and with no communication at all, for
-what 2 workers can get on this machine without Ray), embedding (EmbedActor pool vs
+what 2 workers can get on this machine without Ray; during each step loop, what the workers
+and every other process used of the cores), embedding (EmbedActor pool vs
 sentence-transformers), and one generation of the default run end to end (time per stage,
 share outside model compute). The hardware limit (fp32 matmul FLOP/s) is always measured
 first, for each path's model FLOP utilisation. Writes
@@ -432,8 +433,16 @@ def summarize_path(path: dict, peaks: dict[int, float]) -> dict:
         "model_flops_per_s": flop_rate,
         "peak_flops_per_s": peak,
         "mfu": ratio(flop_rate, peak),
-        "extra_median": {k: median(v) for k, v in path.get("extra", {}).items()},
+        "extra_median": {k: _median_or_last(v) for k, v in path.get("extra", {}).items()},
     }
+
+
+def _median_or_last(values: list):
+    """The median of numbers; of anything else (a list of the top CPU users), the last
+    repetition's."""
+    if any(isinstance(v, (list, dict, str)) for v in values):
+        return values[-1] if values else None
+    return median(values)
 
 
 def summarize_benchmark(name: str, raw: dict, peaks: dict[int, float]) -> dict:
@@ -678,6 +687,14 @@ def explain(key: str, b: dict) -> str:
                 parts.append(
                     f"with the batch per worker of 1 worker (weak scaling) {weak:.0%}: "
                     f"step {step_weak:.1f} ms at 2 workers vs {step_one:.1f} ms at 1"
+                )
+            cpu = two.get("extra_median", {})
+            if cpu.get("worker_cpu") is not None:
+                top = ", ".join(f"{name} {share:.0%}" for name, share in cpu["other_top"][:3])
+                parts.append(
+                    f"while 2 workers stepped, each ran {cpu['worker_cpu']:.0%} of a core, "
+                    f"other processes took {cpu['other_cpu']:.0%} of one ({top}), and "
+                    f"{cpu['idle_cpu']:.0%} of one sat idle"
                 )
             ddp = bench.get("scaling_plain_ddp_2w", {}).get("steady")
             alone = bench.get("scaling_plain_alone_2w", {}).get("steady")

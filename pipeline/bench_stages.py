@@ -684,7 +684,7 @@ def bench_training(ctx: BenchContext) -> dict:
             train_cfg = dataclasses.replace(
                 t, workers=workers, use_gpu=False, batch_size=batch_size
             )
-            with bench_probes.installed():
+            with bench_probes.installed(), bench_probes.CpuSampler() as sampler:
                 _, whole, start, end = _timed_call(
                     lambda train_cfg=train_cfg, storage=storage, cpus=cpus: train_generation(
                         job,
@@ -699,6 +699,7 @@ def bench_training(ctx: BenchContext) -> dict:
             timing = training_timing(
                 bench_probes.read_records(ctx.probe_dir, start, end), start, end
             )
+            cpu = step_loop_cpu(sampler, timing)
             runs.threads = timing["threads"]
             runs.add(
                 timing["tokens"],
@@ -707,6 +708,7 @@ def bench_training(ctx: BenchContext) -> dict:
                 whole,
                 step_ms=1e3 * timing["loop_s"] / max(1, timing["steps"]),
                 **{k: timing[k] for k in ("startup_s", "worker_setup_s", "teardown_s")},
+                **cpu,
             )
             shutil.rmtree(storage, ignore_errors=True)
             ctx.echo(
@@ -772,8 +774,28 @@ def training_timing(records: list[dict], start: float, end: float) -> dict:
         "teardown_s": end - max(r["end"] for r in workers),
         "threads": sum(r["threads"] for r in workers),
         "workers": len(workers),
+        "worker_pids": sorted({r["pid"] for r in workers}),
         "worker_start_s": rank0["start"],
         "worker_end_s": rank0["end"],
+    }
+
+
+def step_loop_cpu(sampler: bench_probes.CpuSampler, timing: dict) -> dict:
+    """What the training workers and every other process used of the cores during the step
+    loop (the rank-0 worker's loop: the last `loop_s` of its job), in cores: the workers'
+    mean, the rest together, its largest users (`other_top`), and the machine's idle time.
+    Empty where the loop was too short for two samples or /proc is missing."""
+    end = timing["worker_end_s"]
+    shares = bench_probes.cpu_shares(
+        sampler.samples, sampler.names, end - timing["loop_s"], end, set(timing["worker_pids"])
+    )
+    if shares is None or not shares["workers"]:
+        return {}
+    return {
+        "worker_cpu": sum(shares["workers"]) / len(shares["workers"]),
+        "other_cpu": shares["others"],
+        "idle_cpu": shares["idle"],
+        "other_top": shares["top_others"],
     }
 
 

@@ -1,14 +1,23 @@
 """`genloop bench`: the arithmetic, targets and report by hand; the whole suite (--quick) on a
 real local Ray."""
 
+import hashlib
 import json
 import math
+import os
+import time
 
 import numpy as np
 import pytest
 
 from pipeline import bench
-from pipeline.bench_probes import parse_train_line
+from pipeline.bench_probes import (
+    CpuSampler,
+    cpu_shares,
+    name_from_argv,
+    parse_train_line,
+    process_name,
+)
 from pipeline.bench_stages import (
     PathRuns,
     _training_path,
@@ -187,6 +196,68 @@ def test_plain_scaling_shows_what_the_machine_allows():
     assert "never communicate (the machine's limit) | | | | 100%" in text
     why = bench.explain("training_scaling", {"training": summary})
     assert "the plain loop scales 78% as torch DDP and 100% as two processes" in why
+
+
+def test_unmet_scaling_says_what_the_cores_did_while_the_workers_stepped():
+    raw = _raw_benchmark([1.0], [1.0], [0.7])
+    two = PathRuns("2 workers", threads=2)
+    for other, top in ((0.10, [["ray::TrainController", 0.02]]), (0.14, [["raylet", 0.03]])):
+        two.add(
+            1000.0, 2e9, 0.7, 12.5, worker_cpu=0.9, other_cpu=other, idle_cpu=0.05, other_top=top
+        )
+    raw["paths"]["genloop_2w"] = two.to_dict()
+    summary = bench.summarize_benchmark("training", raw, {1: 1e9})
+    cpu = summary["paths"]["genloop_2w"]["extra_median"]
+    assert cpu["other_cpu"] == pytest.approx(0.12)  # numbers: the median
+    assert cpu["other_top"] == [["raylet", 0.03]]  # the top users: the last repetition's
+    why = bench.explain("training_scaling", {"training": summary})
+    assert (
+        "while 2 workers stepped, each ran 90% of a core, other processes took 12% of one "
+        "(raylet 3%), and 5% of one sat idle" in why
+    )
+
+
+def test_cpu_shares_over_a_window():
+    names = {10: "ray::RayTrainWorker", 11: "ray::RayTrainWorker", 20: "raylet", 21: "gcs_server"}
+    samples = [
+        (99.0, 0.0, {10: 0.0, 11: 0.0, 20: 0.0}),  # before the window: not used
+        (100.0, 5.0, {10: 1.0, 11: 1.0, 20: 1.0}),
+        (102.0, 5.5, {10: 2.8, 11: 2.6, 20: 1.1, 21: 0.3}),  # 21 started inside
+        (104.0, 6.0, {10: 4.6, 11: 4.2, 20: 1.2, 21: 0.5}),
+        (106.0, 9.0, {10: 9.0, 11: 9.0, 20: 9.0}),  # after the window
+    ]
+    shares = cpu_shares(samples, names, 100.0, 105.0, {10, 11})
+    assert shares["window_s"] == 4.0
+    assert shares["workers"] == pytest.approx([0.9, 0.8])
+    assert shares["others"] == pytest.approx((0.2 + 0.5) / 4)
+    assert [name for name, _ in shares["top_others"]] == ["gcs_server", "raylet"]
+    assert [share for _, share in shares["top_others"]] == pytest.approx([0.125, 0.05])
+    assert shares["idle"] == pytest.approx(0.25)
+    assert cpu_shares(samples, names, 101.0, 103.0, {10}) is None  # one sample inside
+
+
+def test_cpu_sampler_sees_this_process_compute():
+    data = b"x" * (1 << 22)
+    with CpuSampler(interval=0.05) as sampler:
+        start = time.time()
+        while time.time() - start < 0.4:
+            hashlib.sha256(data).digest()  # releases the GIL: the sampler thread runs
+        end = time.time()
+    shares = cpu_shares(sampler.samples, sampler.names, start, end, {os.getpid()})
+    assert shares["workers"][0] > 0.5  # most of a core, at the clock tick's resolution
+    name = process_name(os.getpid())
+    assert name and "/" not in name
+
+
+def test_process_names_are_short():
+    assert name_from_argv(["ray::TrainController.run       "]) == "ray::TrainController"
+    assert name_from_argv(["ray::IDLE"]) == "ray::IDLE"
+    assert name_from_argv(["/v/bin/python3", "-u", "/v/ray/_private/log_monitor.py", "--x=1"]) == (
+        "log_monitor.py"
+    )
+    assert name_from_argv(["/v/ray/core/src/ray/raylet/raylet", "--head"]) == "raylet"
+    starting = ["/v/bin/python", "/v/ray/_private/workers/setup_worker.py", "/v/default_worker.py"]
+    assert name_from_argv(starting) == "ray worker starting"
 
 
 def _stage(generation, name, start, seconds, **extra):
