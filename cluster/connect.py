@@ -161,6 +161,7 @@ def connect(
     where = preflight(address)
     if where.kind == "local":
         runtime_env["env_vars"] = {**local_train_settings(), **runtime_env["env_vars"]}
+        runtime_env["worker_process_setup_hook"] = LOCAL_WORKER_SETUP
         # An explicit "local": a bare ray.init() would attach to any cluster an earlier
         # `ray start` left recorded on this machine, even a dead one. Ray warns on every start
         # that it turned token authentication on; for a Ray of this process's own, bound to
@@ -212,6 +213,23 @@ LOCAL_TRAIN_SETTINGS = {
 def local_train_settings() -> dict[str, str]:
     """LOCAL_TRAIN_SETTINGS, less any the user set in the environment."""
     return {key: value for key, value in LOCAL_TRAIN_SETTINGS.items() if key not in os.environ}
+
+
+# Run in every worker process of a local Ray (its runtime env names it).
+LOCAL_WORKER_SETUP = "cluster.connect.quiet_placement_group_cleaner"
+
+# Ray Train's PlacementGroupCleaner asks Ray's state API, once a second for the length of
+# every fit, whether the fit's controller is alive, and logs a warning each time the API does
+# not answer. A local Ray has no dashboard, so no state API: with --verbose, one line a
+# second. Nor does it need the cleaner: its placement groups end with the driver.
+PLACEMENT_GROUP_CLEANER_LOGGER = (
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+)
+
+
+def quiet_placement_group_cleaner() -> None:
+    """A local Ray's worker-process setup: the cleaner's warnings are not logged."""
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 # Whether `connect` started a local Ray in this process: no node can join it.

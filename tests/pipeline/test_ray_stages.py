@@ -212,6 +212,20 @@ def test_the_local_ray_passes_its_ray_train_settings_to_every_worker(ray_local):
     assert local_train_settings().items() <= env.items()
 
 
+def test_a_local_rays_workers_do_not_log_the_placement_group_cleaners_warnings(ray_local):
+    """A local Ray has no state API, which Ray Train's PlacementGroupCleaner asks once a
+    second; each worker process sets its logger to errors only."""
+    import logging
+
+    from cluster.connect import PLACEMENT_GROUP_CLEANER_LOGGER
+
+    @ray_local.remote(num_cpus=0)
+    def cleaner_log_level() -> int:
+        return logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).getEffectiveLevel()
+
+    assert ray_local.get(cleaner_log_level.remote()) == logging.ERROR
+
+
 def test_every_worker_process_starts_with_genloops_malloc_settings(ray_local):
     """glibc reads them when a process starts: they must be in the workers' environment."""
     from pipeline.inference import MALLOC_SETTINGS
