@@ -594,6 +594,12 @@ MALLOC_SETTINGS = {
 }
 
 
+# Ray Train sends a training worker's print() to its logger and, where Ray has replaced
+# stdout (always, in a worker), to stdout as well: with --verbose every line of a training
+# worker ('[train] 300 steps, ...') reached the driver twice. Without the patch, once.
+PRINT_SETTINGS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def worker_env() -> dict[str, str]:
     """Environment every Ray worker of a run gets (set when the process starts)."""
     env = {
@@ -601,7 +607,8 @@ def worker_env() -> dict[str, str]:
         "TRANSFORMERS_VERBOSITY": "error",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
-    env.update({key: value for key, value in MALLOC_SETTINGS.items() if key not in os.environ})
+    ours = {**MALLOC_SETTINGS, **PRINT_SETTINGS}
+    env.update({key: value for key, value in ours.items() if key not in os.environ})
     for key in ("HF_HUB_OFFLINE", "DS_ACCELERATOR"):
         if key in os.environ:
             env[key] = os.environ[key]

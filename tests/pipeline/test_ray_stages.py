@@ -239,6 +239,19 @@ def test_every_worker_process_starts_with_genloops_malloc_settings(ray_local):
     assert ray_local.get(malloc_environment.remote()) == MALLOC_SETTINGS
 
 
+def test_ray_train_does_not_print_a_workers_lines_twice(ray_local):
+    """Ray Train's print patch would send every print to its logger and to stdout."""
+    from pipeline.inference import PRINT_SETTINGS
+
+    @ray_local.remote(num_cpus=0)
+    def print_settings() -> dict:
+        import os
+
+        return {key: os.environ.get(key) for key in PRINT_SETTINGS}
+
+    assert ray_local.get(print_settings.remote()) == {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def test_a_stage_shares_the_clusters_cpus_among_its_workers(ray_local):
     from cluster.connect import cpus_per_worker
 
