@@ -441,7 +441,7 @@ def _median_or_last(values: list):
     """The median of numbers; of anything else (a list of the top CPU users), the last
     repetition's."""
     if any(isinstance(v, (list, dict, str)) for v in values):
-        return values[-1] if values else None
+        return values[-1]
     return median(values)
 
 

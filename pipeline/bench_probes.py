@@ -26,6 +26,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -270,8 +271,6 @@ class CpuSampler:
         self._thread = None
 
     def __enter__(self) -> CpuSampler:
-        import threading
-
         if not os.path.exists("/proc/stat"):
             return self
         self._stop = threading.Event()

@@ -789,7 +789,7 @@ def step_loop_cpu(sampler: bench_probes.CpuSampler, timing: dict) -> dict:
     shares = bench_probes.cpu_shares(
         sampler.samples, sampler.names, end - timing["loop_s"], end, set(timing["worker_pids"])
     )
-    if shares is None or not shares["workers"]:
+    if shares is None:
         return {}
     return {
         "worker_cpu": sum(shares["workers"]) / len(shares["workers"]),
